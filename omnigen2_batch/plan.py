@@ -1,0 +1,402 @@
+"""Recipe -> Plan: the jobs (ids, seeds, dependencies, in order), run settings and a cost estimate.
+
+- Settings resolve nearest-level-wins: item (shot, instruction, pair) > group > defaults >
+  built-ins; score thresholds merge across levels instead.
+- Seeds: a job's seed is derived from the base seed and the job's identity without its seed, so
+  the same recipe always gives the same seeds and ids, and adding a job changes no other job.
+  An English/Chinese pair shares the seed of its English job.
+- Every input image is inspected (images.inspect_input) before anything runs: unusable files are
+  errors, poor ones warnings (errors under `strict`).
+No torch here: `plan` and `validate` answer in well under a second.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
+from .jobs import ImageRef, Job, Scoring, job_id
+from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RANDOM_WEIGHTS,
+                     SIZE_STEP, Instruction, Loc, Recipe, RecipeError, Shot)
+
+MAX_JOBS = 10_000
+SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
+# OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
+IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
+
+# Rough transformer cost, from the official pipeline on one H200, bf16, 50 steps
+# (/work/shared/ENVIRONMENT.md): t2i 1024x1024 = 10.5 s for 100 forwards (2 per step with text
+# CFG) -> 0.1 s per forward per megapixel of tokens; cfg_range (0, 0.6) 8.3 s for 81 forwards
+# agrees; an edit with one 1024x1024 input (its tokens join the sequence, 3 forwards per step)
+# 27.0 s for 150 forwards is 0.18 s (the model says 0.21). Small images are launch-bound:
+# 512x512 batched 8 per call = 2.3 s per image, 0.023 s per forward, the floor used here.
+SECONDS_PER_FORWARD_MEGAPIXEL = 0.10
+MIN_SECONDS_PER_FORWARD = 0.023
+COST_BASIS = ("rough H200 bf16 seconds from the official pipeline's timings; ignores the "
+              "MLLM, VAE and scoring, and counts each input image as output-sized")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Run-level settings: how to run the jobs, not what they make."""
+
+    name: str
+    model: str
+    executor: str
+    batch_size: int
+    keep_attempts: bool
+    score: bool
+    clip_model: str
+    clip_pretrained: str | None  # None: seeded random weights
+    multilingual: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    jobs: int
+    images: int  # one attempt per candidate, every job passing at once
+    images_worst: int  # every job spends its attempt budget
+    forwards: int  # transformer forward passes
+    forwards_worst: int
+    gpu_seconds: float
+    gpu_seconds_worst: float
+    basis: str = COST_BASIS
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    jobs: list[Job]  # topological order: a job comes after every job it depends on
+    settings: Settings
+    estimate: Estimate
+    recipe_sha256: str = ""
+    origins: dict[str, str] = field(default_factory=dict)  # job id -> "recipe.yaml:9: prompts[0]"
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        jobs = [{"id": job.id, "depends_on": list(job.depends_on),
+                 "origin": self.origins.get(job.id), **job.to_dict()} for job in self.jobs]
+        return {"recipe_sha256": self.recipe_sha256, "settings": self.settings.to_dict(),
+                "estimate": self.estimate.to_dict(), "warnings": self.warnings, "jobs": jobs}
+
+
+def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool = False) -> Plan:
+    """Expand a loaded recipe into jobs; raises RecipeError listing every plan-time problem."""
+    builder = JobBuilder(recipe, resolve_model(model_override) if model_override else recipe.model)
+    builder.build()
+    warnings = builder.check_inputs()
+    errors = builder.errors
+    if strict:
+        errors += [f"{warning} (an error under --strict)" for warning in warnings]
+    if not errors:
+        try:
+            jobs = order_jobs([job for job, _ in builder.jobs])
+        except RecipeError as err:
+            errors += err.errors
+    if errors:
+        raise RecipeError(list(dict.fromkeys(errors)))
+    origins = {job.id: recipe.where(at) for job, at in builder.jobs}
+    return Plan(jobs, run_settings(recipe, builder.model), estimate(jobs),
+                recipe.source.sha256, origins, warnings)
+
+
+def resolve_model(spec: str) -> str:
+    """A --model value: "tiny", a hub id, or a local folder (made absolute)."""
+    if not spec.startswith(("/", "./", "../", "~")):
+        return spec
+    path = Path(spec).expanduser().resolve()
+    if not path.is_dir():
+        raise RecipeError([f"--model: no such model folder: {spec} (looked for {path})"])
+    return str(path)
+
+
+def run_settings(recipe: Recipe, model: str) -> Settings:
+    given = recipe.defaults.scoring
+    scoring = {key: default if getattr(given, key, None) is None else getattr(given, key)
+               for key, default in BUILTIN_SCORING.items()}
+    pretrained = None if scoring["pretrained"] == RANDOM_WEIGHTS else scoring["pretrained"]
+    return Settings(recipe.name, model, recipe.executor, recipe.batch_size, recipe.keep_attempts,
+                    scoring["enabled"], scoring["model"], pretrained, scoring["multilingual"])
+
+
+# ---- expanding sections into jobs -------------------------------------------------------------
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe label from free text ("A cat, in oil!" -> "a-cat-in-oil")."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return words[:limit].rstrip("-") or "job"
+
+
+class JobBuilder:
+    """Turns the sections of a recipe into (Job, location) pairs, collecting errors."""
+
+    def __init__(self, recipe: Recipe, model: str):
+        self.recipe, self.model = recipe, model
+        self.jobs: list[tuple[Job, Loc]] = []
+        self.errors: list[str] = []
+        self.anchors: dict[str, Job] = {}  # character name -> its portrait job
+        self._names: dict[str, set[str]] = {}
+        self._refs: dict[Path, ImageRef] = {}
+        self._files: dict[Path, str] = {}  # every input file -> where the recipe names it
+
+    def build(self) -> None:
+        recipe = self.recipe
+        for name, character in recipe.characters.items():
+            if character.portrait:
+                self.anchors[name] = self.add(("characters", name, "portrait"), [character],
+                                              "t2i", character.portrait, f"characters/{name}",
+                                              "portrait")
+        for index, group in enumerate(recipe.prompts):
+            self.add_prompts(("prompts", index), group)
+        for index, series in enumerate(recipe.series):
+            self.add_series(("series", index), series)
+        for index, campaign in enumerate(recipe.edits):
+            self.add_edits(("edits", index), campaign)
+        for index, group in enumerate(recipe.bilingual):
+            self.add_bilingual(("bilingual", index), group)
+        self.check_duplicates()
+        if len(self.jobs) > MAX_JOBS:
+            self.errors.append(f"{self.recipe.source.label}: the recipe makes {len(self.jobs)} "
+                               f"jobs; the limit is {MAX_JOBS}: split it into several recipes")
+
+    def add_prompts(self, at: Loc, group) -> None:
+        fixed, matrix = group.vars or {}, group.matrix or {}
+        combos = math.prod(len(values) for values in matrix.values()) * len(group.templates())
+        if combos > MAX_JOBS:
+            self.errors.append(f"{self.recipe.where(at + ('matrix',))}: expands to {combos} "
+                               f"jobs; the limit is {MAX_JOBS}")
+            return
+        for index, template in enumerate(group.templates()):
+            where = at + ("prompt",) + ((index,) if isinstance(group.prompt, list) else ())
+            for values in itertools.product(*matrix.values()):
+                prompt = template.format_map({**fixed, **dict(zip(matrix, values))})
+                self.add(where, [group], "t2i", prompt, f"prompts/{group.name}", slug(prompt))
+
+    def add_series(self, at: Loc, series) -> None:
+        character = self.recipe.characters[series.character]
+        if character.portrait:
+            refs = (ImageRef(f"job:{self.anchors[series.character].id}"),)
+        else:
+            refs = tuple(self.file_ref(file) for file in character.references)
+        for index, shot in enumerate(series.shots):
+            shot = shot if isinstance(shot, Shot) else Shot(prompt=shot)
+            self.add(at + ("shots", index), [series, shot], "incontext", shot.prompt,
+                     f"series/{series.name or series.character}", shot.name or slug(shot.prompt),
+                     inputs=refs, scoring=Scoring(text=shot.prompt, references=refs))
+
+    def add_edits(self, at: Loc, campaign) -> None:
+        files = [file for matched in campaign.inputs for file in matched]
+        for index, item in enumerate(campaign.instructions):
+            item = item if isinstance(item, Instruction) else Instruction(instruction=item)
+            for file in files:
+                ref = self.file_ref(file)
+                label = f"{slug(file.path.stem, 24)}-{item.name or slug(item.instruction, 24)}"
+                scoring = Scoring(text=item.target_caption or item.instruction, source=ref,
+                                  source_caption=item.source_caption or "",
+                                  target_caption=item.target_caption or "")
+                size = item.size or campaign.size or "input"
+                if size == "input":
+                    size = self.input_size(file.path)
+                self.add(at + ("instructions", index), [campaign, item], "edit",
+                         item.instruction, f"edits/{campaign.name}", label, inputs=(ref,),
+                         scoring=scoring, size=size)
+
+    def add_bilingual(self, at: Loc, group) -> None:
+        for index, pair in enumerate(group.pairs):
+            name = pair.name or slug(pair.en)
+            key = f"{group.name}/{name}"
+            section, layers = f"bilingual/{group.name}", [group, pair]
+            en = self.add(at + ("pairs", index, "en"), layers, "t2i", pair.en, section,
+                          f"{name}-en", scoring=Scoring(text=pair.en, pair=key))
+            self.add(at + ("pairs", index, "zh"), layers, "t2i", pair.zh, section, f"{name}-zh",
+                     lang="zh", scoring=Scoring(text=pair.en, pair=key), seed=en.seed)
+
+    def add(self, at: Loc, layers: list, kind: str, prompt: str, section: str, name: str, *,
+            inputs: tuple = (), scoring: Scoring | None = None, lang: str = "en",
+            size: tuple | None = None, seed: int | None = None) -> Job:
+        """Make one job from the settings of `layers` (nearest last) and record it."""
+        get = lambda key: self.setting(layers, key)  # noqa: E731
+        candidates, max_attempts = get("candidates"), get("max_attempts")
+        if candidates > max_attempts:
+            self.errors.append(f"{self.recipe.where(at)}: candidates ({candidates}) exceeds "
+                               f"max_attempts ({max_attempts}), which counts them too")
+        width, height = size or get("size")
+        scoring = scoring or Scoring(text=prompt)
+        job = Job(section=section, name=self.unique_name(section, name), kind=kind,
+                  prompt=prompt, negative_prompt=get("negative_prompt"), inputs=inputs,
+                  width=width, height=height, steps=get("steps"),
+                  text_guidance=get("text_guidance"),
+                  image_guidance=IMAGE_GUIDANCE["t2i"] if kind == "t2i"
+                  else self.setting(layers, "image_guidance", IMAGE_GUIDANCE[kind]),
+                  cfg_range=get("cfg_range"), scheduler=get("scheduler"), model=self.model,
+                  lang=lang, candidates=candidates, max_attempts=max_attempts,
+                  ladder=tuple(get("ladder")),
+                  scoring=replace(scoring, thresholds=self.thresholds(layers)))
+        job = job.with_(seed=derive_seed(get("seed"), job) if seed is None else seed)
+        self.jobs.append((job, at))
+        return job
+
+    def input_size(self, path: Path) -> tuple[int, int]:
+        """An edit's output size after its input; defaults.size is the pixel budget."""
+        budget = self.setting([], "size")
+        try:
+            return fit_size(image_size(path), budget)
+        except ImageError:
+            return budget  # check_inputs reports the broken file
+
+    def setting(self, layers: list, key: str, default: Any = None) -> Any:
+        """The nearest level's value of `key`: layers, then defaults, then `default` or the
+        built-in."""
+        for layer in reversed([self.recipe.defaults, *layers]):
+            value = getattr(layer, key, None)
+            if value is not None:
+                return value
+        return BUILTIN_DEFAULTS[key] if default is None else default
+
+    def thresholds(self, layers: list) -> dict[str, float]:
+        merged: dict[str, float] = {}
+        for layer in [self.recipe.defaults, *layers]:
+            merged.update((layer.scoring.thresholds or {}) if layer.scoring else {})
+        return merged
+
+    def unique_name(self, section: str, name: str) -> str:
+        taken = self._names.setdefault(section, set())
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique)
+        return unique
+
+    def file_ref(self, file) -> ImageRef:
+        self._files.setdefault(file.path, file.where)
+        if file.path not in self._refs:
+            try:
+                key = content_hash(file.path)
+            except OSError as err:  # check_inputs names the file; keep planning meanwhile
+                key = f"unreadable:{file.path}"
+                self.errors.append(f"{file.where}: cannot read {file.path} ({err.strerror})")
+            self._refs[file.path] = ImageRef(key, str(file.path))
+        return self._refs[file.path]
+
+    def check_duplicates(self) -> None:
+        first: dict[str, Loc] = {}
+        for job, at in self.jobs:
+            if job.id in first:
+                self.errors.append(
+                    f"{self.recipe.where(at)}: makes the same job as "
+                    f"{self.recipe.where(first[job.id])} (same prompt, inputs and settings); "
+                    "change one of them or give one its own seed")
+            first.setdefault(job.id, at)
+
+    def check_inputs(self) -> list[str]:
+        """Inspect every input file once; errors go to self.errors, warnings are returned."""
+        warnings, folder = [], self.recipe.source.path.parent
+        for path, where in self._files.items():
+            shown = path.relative_to(folder) if path.is_relative_to(folder) else path
+            for issue in inspect_input(path):
+                text = f"{where}: {shown}: {issue.message}"
+                (self.errors if issue.level == "error" else warnings).append(text)
+        by_inputs: dict[tuple, list[Loc]] = {}
+        for job, at in self.jobs:
+            if len(job.inputs) > MAX_INPUTS:
+                by_inputs.setdefault(job.inputs, []).append(at)
+        for inputs, places in by_inputs.items():
+            others = f" (and {len(places) - 1} more jobs)" if len(places) > 1 else ""
+            warnings.append(f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
+                            f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the "
+                            "best ones")
+        return warnings
+
+
+def derive_seed(base: int, job: Job) -> int:
+    identity = {key: value for key, value in job.identity().items() if key != "seed"}
+    return int(job_id({"base_seed": base, **identity})[:8], 16) & SEED_MASK
+
+
+def fit_size(input_size: tuple[int, int], budget: tuple[int, int]) -> tuple[int, int]:
+    """The input's aspect ratio at no more pixels than `budget`, multiples of 16 (as OmniGen2
+    sizes an edit's output after its input)."""
+    width, height = input_size
+    scale = min(1.0, math.sqrt(budget[0] * budget[1] / (width * height)))
+    return tuple(min(MAX_SIDE, max(MIN_SIDE, int(side * scale) // SIZE_STEP * SIZE_STEP))
+                 for side in (width, height))
+
+
+# ---- ordering -------------------------------------------------------------------------------
+
+def order_jobs(jobs: list[Job]) -> list[Job]:
+    """Jobs in dependency order, otherwise as given; RecipeError on a missing job or a cycle."""
+    by_id = {job.id: job for job in jobs}
+    errors = [f"{job.section}/{job.name} ({job.id}) needs job {dep}, which is not in the plan"
+              for job in jobs for dep in job.depends_on if dep not in by_id]
+    if errors:
+        raise RecipeError(errors)
+    done: dict[str, Job] = {}
+    waiting = list(jobs)
+    while waiting:  # each pass takes, in order, every job whose dependencies are done
+        before = len(done)
+        for job in waiting:
+            if all(dep in done for dep in job.depends_on):
+                done[job.id] = job
+        if len(done) == before:
+            cycle = ", ".join(f"{job.section}/{job.name}" for job in waiting)
+            raise RecipeError([f"these jobs depend on each other in a cycle: {cycle}"])
+        waiting = [job for job in waiting if job.id not in done]
+    return list(done.values())
+
+
+def describe_plan(plan: Plan) -> str:
+    """The plan as a table a person reads: run order, section, name, kind, id, dependencies."""
+    rows = [("section", "name", "kind", "id", "depends on")]
+    rows += [(job.section, job.name, job.kind, job.id, ", ".join(job.depends_on) or "-")
+             for job in plan.jobs]
+    widths = [max(len(row[col]) for row in rows) for col in range(4)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
+             for row in rows]
+    cost = plan.estimate
+    lines += ["", f"model {plan.settings.model}, executor {plan.settings.executor}",
+              f"{cost.jobs} jobs, {cost.images} images (worst case {cost.images_worst}), "
+              f"{cost.forwards} transformer forwards (worst {cost.forwards_worst})",
+              f"~{cost.gpu_seconds:g} GPU-seconds (worst {cost.gpu_seconds_worst:g}): "
+              f"{cost.basis}"]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+# ---- cost -----------------------------------------------------------------------------------
+
+def forwards_per_image(job: Job) -> int:
+    """Transformer forwards for one image: inside cfg_range 3 with text and image guidance,
+    2 with text guidance only, else 1 (the official sampler's rule)."""
+    start, end = job.cfg_range
+    guided = sum(1 for i in range(job.steps) if start <= i / job.steps <= end)
+    per_guided = 1 + (job.text_guidance > 1) + (job.text_guidance > 1 and job.image_guidance > 1
+                                                 and bool(job.inputs))
+    return guided * per_guided + (job.steps - guided)
+
+
+def seconds_per_forward(job: Job) -> float:
+    megapixels = job.width * job.height * (1 + len(job.inputs)) / 2**20
+    return max(MIN_SECONDS_PER_FORWARD, SECONDS_PER_FORWARD_MEGAPIXEL * megapixels)
+
+
+def estimate(jobs: list[Job]) -> Estimate:
+    best = [job.candidates for job in jobs]
+    worst = [job.max_attempts for job in jobs]
+    forwards = [forwards_per_image(job) for job in jobs]
+    cost = [f * seconds_per_forward(job) for f, job in zip(forwards, jobs)]
+    return Estimate(
+        jobs=len(jobs), images=sum(best), images_worst=sum(worst),
+        forwards=sum(n * f for n, f in zip(best, forwards)),
+        forwards_worst=sum(n * f for n, f in zip(worst, forwards)),
+        gpu_seconds=round(sum(n * c for n, c in zip(best, cost)), 1),
+        gpu_seconds_worst=round(sum(n * c for n, c in zip(worst, cost)), 1))

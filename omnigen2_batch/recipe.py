@@ -1,0 +1,848 @@
+"""Recipes: the YAML a person writes, its schema, and validation with file:line errors.
+
+A recipe names a run and lists what to make. Every section is a list of named groups, and every
+group (and every item inside one) may override any generation setting from `defaults`::
+
+    name: spring-campaign            # required; names the run
+    model: OmniGen2/OmniGen2         # hub id | "tiny" (embedded test model) | ./local/folder
+    executor: local                  # local | ray
+    batch_size: 4                    # images per pipeline call (same-shape jobs only)
+    keep_attempts: false             # also keep every attempt's image, not only the kept one
+    defaults:                        # generation settings for every job (built-ins below)
+      size: [1024, 1024]             # [width, height], multiples of 16, sides 64..2048
+      steps: 50
+      text_guidance: 5.0             # 1.0 = no text guidance
+      image_guidance: 2.0            # unset: 2.0 for edits, 2.5 in-context; t2i has none
+      cfg_range: [0.0, 1.0]          # fraction of the steps where guidance applies
+      scheduler: euler               # euler | dpmsolver++
+      negative_prompt: "blurry, ..."
+      candidates: 1                  # best-of-N first attempts
+      max_attempts: 3                # attempt budget, candidates included
+      seed: 0                        # base of every job's derived seed
+      ladder: [new_seed, stronger_guidance, refine, ask_mllm]   # retries, in order
+      scoring:
+        enabled: true
+        model: ViT-B-32              # open_clip model (run-wide)
+        pretrained: openai
+        thresholds: {text: 0.25}     # metric -> minimum cosine to pass (see METRICS)
+    prompts:                         # text-to-image; {var} placeholders
+      - name: animals
+        prompt: "a {animal} in {style} style"    # or a list of templates
+        vars: {style: watercolor}                # fixed values
+        matrix: {animal: [cat, fox]}             # every combination becomes a job
+    characters:                      # who appears in a series
+      mira: {references: [assets/mira.png]}      # 1-3 reference images, or ...
+      robo: {portrait: "a round white robot"}    # ... a prompt generated once as the anchor
+    series:                          # in-context shots of one character
+      - character: mira
+        shots: ["mira reading in a library", {prompt: "mira at sea", size: [1024, 768]}]
+    edits:                           # every input x every instruction
+      - name: night
+        inputs: [assets/street_*.png]            # paths or globs
+        instructions: ["make it night", {instruction: "paint it red",
+                       source_caption: "a street", target_caption: "a red street"}]
+        size: input                  # the default for edits: the input's aspect ratio,
+                                     # at most the pixel count of defaults.size
+    bilingual:                       # English/Chinese twins, same seed, compared
+      - name: festival
+        pairs: [{en: "a lantern festival", zh: "灯笼节"}]
+
+Rules: unknown keys, wrong types and duplicate keys are errors (top-level keys starting with
+"x-" are ignored: a place for YAML anchors); every path resolves relative to
+the recipe file and must stay inside its folder unless `--allow-path DIR` allows another root
+(a recipe cannot widen its own access); a local model folder starts with "/", "./", "../" or
+"~". Errors read "recipe.yaml:14: series[0].shots[2].size: expected [width, height] multiples
+of 16, got [1000, 7]", all of them at once.
+
+The schema is the dataclasses below: their annotations give the YAML shape (Size, CfgRange,
+InputFile and InputGlob are schema types whose converted values are plain tuples/paths),
+their `doc` metadata the descriptions; `json_schema()` derives recipe_schema.json from them.
+No torch here: `validate` and `plan` must answer in well under a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import glob
+import hashlib
+import json
+import os
+import re
+import string
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .reflection import LADDER_STEPS
+from .scoring import METRICS
+
+DEFAULT_MODEL = "OmniGen2/OmniGen2"
+SCHEDULERS = ("euler", "dpmsolver++")
+MIN_SIDE, MAX_SIDE, SIZE_STEP = 64, 2048, 16
+MAX_RECIPE_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # after alias expansion: refuses "billion laughs" documents
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+# What a setting is when no level of the recipe sets it (image_guidance: see plan.py).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "size": (1024, 1024), "steps": 50, "text_guidance": 5.0, "cfg_range": (0.0, 1.0),
+    "scheduler": "euler", "candidates": 1, "max_attempts": 3, "seed": 0, "ladder": (),
+    "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
+                       "watermark, text artifacts",
+}
+BUILTIN_SCORING = {"enabled": True, "model": "ViT-B-32", "pretrained": "openai",
+                   "multilingual": False}
+RANDOM_WEIGHTS = "random"  # scoring.pretrained value for seeded random CLIP weights (tests)
+
+
+class RecipeError(Exception):
+    """An invalid recipe (or plan); `errors` holds every "file:line: field: message"."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+# ---- where a value came from --------------------------------------------------------------
+
+Loc = tuple  # a field path such as ("series", 0, "shots", 2, "size")
+
+
+def field_name(at: Loc) -> str:
+    """("series", 0, "shots", 2) -> "series[0].shots[2]"."""
+    text = ""
+    for part in at:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+@dataclass
+class Source:
+    """The recipe file as read, plus the line of every field in it."""
+
+    path: Path  # absolute
+    label: str  # the path as the person gave it, used in messages
+    sha256: str
+    lines: dict[Loc, int]
+    roots: tuple[Path, ...]  # folders the recipe may read from: its own + --allow-path
+
+    def line(self, at: Loc) -> int:
+        for end in range(len(at), -1, -1):
+            if at[:end] in self.lines:
+                return self.lines[at[:end]]
+        return 1
+
+    def where(self, at: Loc) -> str:
+        return f"{self.label}:{self.line(at)}: {field_name(at)}"
+
+
+class Context:
+    """Conversion state: the source and the errors found so far (line, message)."""
+
+    def __init__(self, source: Source):
+        self.source = source
+        self.found: list[tuple[int, str]] = []
+
+    def error(self, at: Loc, message: str) -> None:
+        self.found.append((self.source.line(at), f"{self.source.where(at)}: {message}"))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            raise RecipeError([text for _, text in sorted(self.found, key=lambda f: f[0])])
+
+
+INVALID = object()  # a value that failed conversion (its error is already recorded)
+
+
+def did_you_mean(word: Any, choices) -> str:
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def show(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---- schema types -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Range:
+    """Annotated constraint: lo <= value <= hi."""
+
+    lo: float
+    hi: float
+
+    def check(self, value, at, ctx) -> bool:
+        if self.lo <= value <= self.hi:
+            return True
+        ctx.error(at, f"expected a value from {show(self.lo)} to {show(self.hi)}, "
+                      f"got {show(value)}")
+        return False
+
+    def schema(self) -> dict:
+        return {"minimum": self.lo, "maximum": self.hi}
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Annotated constraint: the string matches `regex`; `hint` says what that means."""
+
+    regex: str
+    hint: str
+
+    def check(self, value, at, ctx) -> bool:
+        if re.search(self.regex, value):
+            return True
+        ctx.error(at, f"expected {self.hint}, got {show(value)}")
+        return False
+
+    def schema(self) -> dict:
+        return {"pattern": self.regex}
+
+
+Name = Annotated[str, Pattern(NAME_PATTERN, "a name of letters, digits, '_', '-' or '.'")]
+Text = Annotated[str, Pattern(r"\S", "non-empty text")]
+VarName = Annotated[str, Pattern(r"^[A-Za-z_]\w*$", "a placeholder name like subject")]
+
+
+def number_pair(value) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+
+
+class Size:
+    """[width, height] in pixels: multiples of 16, each side from 64 to 2048."""
+
+    KINDS, DESCRIPTION = {"array"}, "[width, height]"
+
+    @staticmethod
+    def convert(value, at, ctx):
+        ok = number_pair(value) and all(v == int(v) for v in value)
+        if not ok or any(int(v) % SIZE_STEP for v in value):
+            ctx.error(at, f"expected [width, height] multiples of {SIZE_STEP}, got {show(value)}")
+            return INVALID
+        if not all(MIN_SIDE <= v <= MAX_SIDE for v in value):
+            ctx.error(at, f"expected [width, height] with each side from {MIN_SIDE} to "
+                          f"{MAX_SIDE}, got {show(value)}")
+            return INVALID
+        return (int(value[0]), int(value[1]))
+
+    @staticmethod
+    def schema() -> dict:
+        side = {"type": "integer", "multipleOf": SIZE_STEP, "minimum": MIN_SIDE,
+                "maximum": MAX_SIDE}
+        return {"type": "array", "items": side, "minItems": 2, "maxItems": 2}
+
+
+class CfgRange:
+    """[start, end]: the fraction of the denoising steps where guidance applies."""
+
+    KINDS, DESCRIPTION = {"array"}, "[start, end]"
+
+    @staticmethod
+    def convert(value, at, ctx):
+        if not (number_pair(value) and 0 <= value[0] <= value[1] <= 1):
+            ctx.error(at, f"expected [start, end] with 0 <= start <= end <= 1, got {show(value)}")
+            return INVALID
+        return (float(value[0]), float(value[1]))
+
+    @staticmethod
+    def schema() -> dict:
+        unit = {"type": "number", "minimum": 0, "maximum": 1}
+        return {"type": "array", "items": unit, "minItems": 2, "maxItems": 2}
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """An image file the recipe names: a path relative to the recipe file."""
+
+    KINDS, DESCRIPTION = {"string"}, "a file path"
+    path: Path  # absolute, symlinks resolved
+    where: str  # "recipe.yaml:12: edits[0].inputs[1]", for messages about this file
+
+    @classmethod
+    def convert(cls, value, at, ctx):
+        if not isinstance(value, str) or not value.strip():
+            ctx.error(at, f"expected a file path, got {show(value)}")
+            return INVALID
+        path = resolve_inside(value, at, ctx)
+        if path is None:
+            return INVALID
+        if not path.is_file():
+            ctx.error(at, f"no such file: {value} (looked for {path})")
+            return INVALID
+        return cls(path, ctx.source.where(at))
+
+    @staticmethod
+    def schema() -> dict:
+        return {"type": "string", "minLength": 1}
+
+
+class InputGlob:
+    """A file path or a glob pattern ("assets/*.png", "shots/**/*.jpg"): the files it matches."""
+
+    KINDS, DESCRIPTION = {"string"}, "a file path or glob pattern"
+
+    @staticmethod
+    def convert(value, at, ctx):
+        if not (isinstance(value, str) and glob.has_magic(value)):
+            single = InputFile.convert(value, at, ctx)
+            return INVALID if single is INVALID else (single,)
+        pattern = os.path.join(ctx.source.path.parent, os.path.expanduser(value))
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        if not matches:
+            ctx.error(at, f"the pattern {value!r} matches no files "
+                          f"(relative to {ctx.source.path.parent})")
+            return INVALID
+        files = [resolve_inside(match, at, ctx, report=False) for match in matches]
+        if None in files:
+            outside = matches[files.index(None)]
+            ctx.error(at, f"the pattern {value!r} matches files outside the recipe's folder "
+                          f"{ctx.source.path.parent} (such as {outside}); move them there or "
+                          "pass --allow-path DIR")
+            return INVALID
+        where = f"{ctx.source.where(at)} (matched by {value!r})"
+        return tuple(InputFile(path, where) for path in files)
+
+    @staticmethod
+    def schema() -> dict:
+        return {"type": "string", "minLength": 1}
+
+
+def resolve_inside(value: str, at: Loc, ctx: Context, report: bool = True) -> Path | None:
+    """The absolute path `value` names, or None (error recorded if `report`) when it leaves
+    every allowed root. Symlinks are resolved first, so a link cannot smuggle a file in."""
+    path = Path(os.path.expanduser(value))
+    path = (path if path.is_absolute() else ctx.source.path.parent / path).resolve()
+    if any(path.is_relative_to(root) for root in ctx.source.roots):
+        return path
+    if report:
+        ctx.error(at, f"{value!r} resolves to {path}, outside the recipe's folder "
+                      f"{ctx.source.path.parent}; move it there or pass --allow-path DIR")
+    return None
+
+
+# ---- the schema ---------------------------------------------------------------------------
+
+def opt(doc: str, default: Any = None, factory: Any = None) -> Any:
+    """An optional field; unset (None) means: inherit from the level above."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def req(doc: str) -> Any:
+    return field(metadata={"doc": doc})
+
+
+Metric = Literal[METRICS]
+
+
+@dataclass(kw_only=True)
+class SectionScoring:
+    HINTS = {key: "the CLIP scorer is run-wide: set it under defaults.scoring"
+             for key in ("model", "pretrained", "enabled", "multilingual")}
+    thresholds: dict[Metric, float] | None = opt(
+        "metric -> minimum to keep an output (cosines in [-1, 1], clipscore in [0, 100]); "
+        "merged over the level above")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        for metric, value in (self.thresholds or {}).items():
+            bounds = Range(0, 100) if metric == "clipscore" else Range(-1, 1)
+            bounds.check(value, at + ("thresholds", metric), ctx)
+
+
+@dataclass(kw_only=True)
+class RunScoring(SectionScoring):
+    HINTS = {}
+    enabled: bool | None = opt("score outputs and retry weak ones (default true)")
+    model: Text | None = opt("open_clip model name (default ViT-B-32)")
+    pretrained: Text | None = opt("open_clip pretrained tag or weights file (default openai); "
+                                  "random: seeded random weights, scores meaningless")
+    multilingual: bool | None = opt("the CLIP text tower reads Chinese (default false)")
+
+
+@dataclass(kw_only=True)
+class GenOptions:
+    """Generation settings; every level of a recipe may set them, the nearest level wins."""
+
+    size: Size | None = opt("[width, height] of the output, multiples of 16")
+    steps: Annotated[int, Range(1, 200)] | None = opt("denoising steps")
+    text_guidance: Annotated[float, Range(1, 20)] | None = opt(
+        "text guidance scale; 1.0 turns it off")
+    image_guidance: Annotated[float, Range(1, 10)] | None = opt(
+        "image guidance scale for jobs with input images; 1.0 turns it off")
+    cfg_range: CfgRange | None = opt("[start, end] fraction of the steps that use guidance")
+    scheduler: Literal[SCHEDULERS] | None = opt("euler or dpmsolver++")
+    negative_prompt: str | None = opt("what the image should not show")
+    candidates: Annotated[int, Range(1, 16)] | None = opt("first attempts per job (best of N)")
+    max_attempts: Annotated[int, Range(1, 32)] | None = opt(
+        "attempt budget per job, candidates included")
+    seed: Annotated[int, Range(0, 2**32 - 1)] | None = opt("base seed; jobs derive theirs")
+    ladder: list[Literal[LADDER_STEPS]] | None = opt("retry strategies after a failed attempt")
+    scoring: SectionScoring | None = opt("score thresholds for this level")
+
+
+@dataclass(kw_only=True)
+class Defaults(GenOptions):
+    scoring: RunScoring | None = opt("the CLIP scorer and default thresholds")
+
+
+@dataclass(kw_only=True)
+class PromptGroup(GenOptions):
+    name: Name = req("group name; jobs land in section prompts/<name>")
+    prompt: Text | list[Text] = req("a prompt template, or a list; {var} placeholders")
+    vars: dict[VarName, str] | None = opt("placeholder -> fixed value")
+    matrix: dict[VarName, list[str]] | None = opt(
+        "placeholder -> values; every combination becomes a job")
+
+    def templates(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or ())
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        fixed, matrix = self.vars or {}, self.matrix or {}
+        if self.prompt == []:
+            ctx.error(at + ("prompt",), "needs at least one prompt")
+        for var in sorted(set(fixed) & set(matrix)):
+            ctx.error(at + ("vars", var), "is also in matrix; give each placeholder one place")
+        for var, values in matrix.items():
+            if not values:
+                ctx.error(at + ("matrix", var), "needs at least one value")
+        used = set()
+        for index, template in enumerate(self.templates()):
+            if not isinstance(template, str):
+                continue
+            where = at + ("prompt",) + ((index,) if isinstance(self.prompt, list) else ())
+            used |= check_template(template, {**fixed, **matrix}, where, ctx)
+        for var in sorted(set(matrix) - used):
+            ctx.error(at + ("matrix", var), f"no prompt uses {{{var}}}")
+
+
+def check_template(template: str, known: dict, at: Loc, ctx: Context) -> set[str]:
+    """The placeholders `template` uses; errors for bad syntax and unknown names."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as err:
+        ctx.error(at, f"bad placeholder syntax ({err}); write literal braces as {{{{ }}}}")
+        return set()
+    used = set()
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not re.fullmatch(r"[A-Za-z_]\w*", name) or spec or conversion:
+            ctx.error(at, f"placeholders are plain names like {{subject}}, got {{{name}}}")
+        elif name not in known:
+            ctx.error(at, f"{{{name}}} is not defined in vars or matrix{did_you_mean(name, known)}")
+        used.add(name)
+    return used
+
+
+@dataclass(kw_only=True)
+class Character(GenOptions):
+    """Settings here apply to the portrait anchor job; shots take theirs from the series."""
+
+    references: list[InputFile] | None = opt("reference images of the character (1-3)")
+    portrait: Text | None = opt("a prompt generated once; its kept image becomes the reference")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        if (self.references is None) == (self.portrait is None):
+            ctx.error(at, "give exactly one of references (image paths) or portrait (a prompt)")
+        elif self.references is not None and not self.references:
+            ctx.error(at + ("references",), "needs at least one image")
+
+
+@dataclass(kw_only=True)
+class Shot(GenOptions):
+    prompt: Text = req("what the character does in this shot")
+    name: Name | None = opt("shot name (default: from the prompt)")
+
+
+@dataclass(kw_only=True)
+class Series(GenOptions):
+    character: Name = req("a key of characters")
+    name: Name | None = opt("series name (default: the character); section series/<name>")
+    shots: list[Text | Shot] = req("prompts, or mappings with a prompt and overrides")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        if self.shots is not None and not self.shots:
+            ctx.error(at + ("shots",), "needs at least one shot")
+
+
+EditSize = Size | Literal["input"]
+
+
+@dataclass(kw_only=True)
+class Instruction(GenOptions):
+    size: EditSize | None = opt("[width, height], or input: the input's aspect ratio")
+    instruction: Text = req("what to change")
+    name: Name | None = opt("instruction name (default: from the text)")
+    source_caption: str | None = opt("caption of the input, for directional scoring")
+    target_caption: str | None = opt("caption of the wanted output, for directional scoring")
+
+
+@dataclass(kw_only=True)
+class EditCampaign(GenOptions):
+    size: EditSize | None = opt("[width, height], or input (default): the input's aspect "
+                                "ratio at most the pixel count of defaults.size")
+    name: Name = req("campaign name; jobs land in section edits/<name>")
+    inputs: list[InputGlob] = req("image paths or glob patterns")
+    instructions: list[Text | Instruction] = req("edit instructions, applied to every input")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        for key in ("inputs", "instructions"):
+            if getattr(self, key) == []:
+                ctx.error(at + (key,), "needs at least one entry")
+
+
+@dataclass(kw_only=True)
+class Pair(GenOptions):
+    en: Text = req("the English prompt")
+    zh: Text = req("the Chinese prompt")
+    name: Name | None = opt("pair name (default: from the English prompt)")
+
+
+@dataclass(kw_only=True)
+class BilingualGroup(GenOptions):
+    name: Name = req("group name; jobs land in section bilingual/<name>")
+    pairs: list[Pair] = req("English/Chinese prompt pairs")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        if self.pairs == []:
+            ctx.error(at + ("pairs",), "needs at least one pair")
+
+
+SECTIONS = ("prompts", "series", "edits", "bilingual")
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """A whole recipe file. `source` (not part of the YAML) says where it came from."""
+
+    HINTS = {"allow_paths": "pass --allow-path DIR on the command line; a recipe cannot "
+                            "widen its own access"}
+    FREE_PREFIX = "x-"  # top-level keys the engine ignores: a place for YAML anchors
+    name: Name = req("the run's name")
+    model: Text = opt("hub id, tiny, or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
+    executor: Literal["local", "ray"] = opt("where jobs run", default="local")
+    batch_size: Annotated[int, Range(1, 64)] = opt("images per pipeline call", default=4)
+    keep_attempts: bool = opt("keep every attempt's image too", default=False)
+    defaults: Defaults = opt("settings for every job", factory=Defaults)
+    prompts: list[PromptGroup] = opt("text-to-image groups", factory=list)
+    characters: dict[Name, Character] = opt(
+        "characters by name", factory=dict)
+    series: list[Series] = opt("in-context shots of a character", factory=list)
+    edits: list[EditCampaign] = opt("edit campaigns", factory=list)
+    bilingual: list[BilingualGroup] = opt("English/Chinese pairs", factory=list)
+    source: Source | None = field(default=None, metadata={"internal": True})
+
+    def where(self, at: Loc) -> str:
+        return self.source.where(at)
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        if not any(getattr(self, key) for key in SECTIONS + ("characters",)):
+            ctx.error(at, f"nothing to make: add at least one of {', '.join(SECTIONS)}")
+        for key in ("prompts", "edits", "bilingual"):
+            check_unique(getattr(self, key), key, lambda g: g.name, ctx)
+        check_unique(self.series, "series", lambda s: s.name or s.character, ctx,
+                     "; give each series its own name")
+        for index, series in enumerate(self.series):
+            if series is INVALID:
+                continue
+            if series.character is not None and series.character not in self.characters:
+                ctx.error(("series", index, "character"), f"unknown character "
+                          f"{series.character!r}{did_you_mean(series.character, self.characters)}")
+            check_unique(series.shots or [], ("series", index, "shots"),
+                         lambda s: getattr(s, "name", None), ctx)
+        for index, group in enumerate(self.bilingual):
+            if group is not INVALID:
+                check_unique(group.pairs or [], ("bilingual", index, "pairs"),
+                             lambda pair: pair.name, ctx)
+        self.model = check_model(self.model, ctx)
+
+
+def check_unique(items, at, name_of, ctx: Context, hint: str = "") -> None:
+    at = at if isinstance(at, tuple) else (at,)
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        name = None if item is INVALID else name_of(item)
+        if name is None:
+            continue
+        if name in seen:
+            first = at + (seen[name],)
+            ctx.error(at + (index,), f"duplicate name {name!r} (also {field_name(first)}, "
+                                     f"line {ctx.source.line(first)}){hint}")
+        seen.setdefault(name, index)
+
+
+def check_model(model: str | None, ctx: Context) -> str | None:
+    """"tiny", a hub id, or a local folder (made absolute)."""
+    if model is None or model == "tiny":
+        return model
+    if model.startswith(("/", "./", "../", "~")):
+        path = resolve_inside(model, ("model",), ctx)
+        if path is not None and not path.is_dir():
+            ctx.error(("model",), f"no such model folder: {model} (looked for {path})")
+        return str(path) if path else model
+    if not re.match(HUB_ID_PATTERN, model):
+        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, tiny, or a local "
+                              f"folder starting with ./ or /, got {model!r}")
+    return model
+
+
+# ---- conversion: YAML values -> the dataclasses above ---------------------------------------
+
+def json_kind(value: Any) -> str:
+    for kind, types_ in (("boolean", bool), ("integer", int), ("number", float),
+                         ("string", str), ("array", list), ("object", dict)):
+        if isinstance(value, types_):
+            return kind
+    return "null" if value is None else type(value).__name__
+
+
+def kinds_of(tp) -> set[str]:
+    """The YAML kinds a schema type accepts (unions dispatch on these)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return kinds_of(args[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(kinds_of(a) for a in args))
+    if origin is Literal:
+        return {json_kind(a) for a in args}
+    if hasattr(tp, "KINDS"):
+        return tp.KINDS
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return {"object"}
+    return {list: {"array"}, str: {"string"}, int: {"integer"}, float: {"integer", "number"},
+            bool: {"boolean"}, type(None): {"null"}}[origin or tp]
+
+
+def describe(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        return describe(args[0])
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(a) for a in args if a is not type(None))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if hasattr(tp, "DESCRIPTION"):
+        return tp.DESCRIPTION
+    if dataclasses.is_dataclass(tp) or origin is dict:
+        return "a mapping"
+    return {list: "a list", str: "a string", int: "an integer", float: "a number",
+            bool: "true or false"}[origin or tp]
+
+
+def convert(value: Any, tp, at: Loc, ctx: Context) -> Any:
+    """`value` as schema type `tp`, or INVALID after recording why not."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        for alternative in args:  # None in a union means "absent"; a YAML null is an error
+            if alternative is not type(None) and json_kind(value) in kinds_of(alternative):
+                return convert(value, alternative, at, ctx)
+    elif json_kind(value) in kinds_of(tp):
+        if origin is Annotated:
+            result = convert(value, args[0], at, ctx)
+            ok = result is not INVALID and all(mark.check(result, at, ctx) for mark in args[1:])
+            return result if ok else INVALID
+        if hasattr(tp, "convert"):
+            return tp.convert(value, at, ctx)
+        if dataclasses.is_dataclass(tp):
+            return convert_dataclass(value, tp, at, ctx)
+        if origin is list:
+            return [convert(item, args[0], at + (i,), ctx) for i, item in enumerate(value)]
+        if origin is dict:
+            pairs = [(convert(k, args[0], at + (k,), ctx), convert(v, args[1], at + (k,), ctx))
+                     for k, v in value.items()]
+            return {k: v for k, v in pairs if k is not INVALID and v is not INVALID}
+        if origin is Literal and value not in args:
+            ctx.error(at, f"expected one of {', '.join(map(repr, args))}, got {show(value)}"
+                          f"{did_you_mean(value, args)}")
+            return INVALID
+        return float(value) if tp is float else value
+    hint = " (remove the key to use the default)" if value is None else ""
+    ctx.error(at, f"expected {describe(tp)}, got {json_kind(value)} {show(value)}{hint}")
+    return INVALID
+
+
+def schema_fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+
+
+def convert_dataclass(value: dict, cls, at: Loc, ctx: Context):
+    hints = get_type_hints(cls, include_extras=True)
+    fields = schema_fields(cls)
+    hints_for_unknown = getattr(cls, "HINTS", {})
+    free = getattr(cls, "FREE_PREFIX", None)
+    for key in value:
+        if key not in fields and not (free and str(key).startswith(free)):
+            hint = hints_for_unknown.get(key)
+            ctx.error(at + (key,), f"not allowed here: {hint}" if hint else
+                      f"unknown key{did_you_mean(key, fields)}")
+    kwargs = {}
+    for name, spec in fields.items():
+        required = spec.default is dataclasses.MISSING
+        if name in value:
+            result = convert(value[name], hints[name], at + (name,), ctx)
+            if result is not INVALID:
+                kwargs[name] = result
+        elif required and spec.default_factory is dataclasses.MISSING:
+            ctx.error(at, f"missing required key '{name}'")
+        if name not in kwargs and required and spec.default_factory is dataclasses.MISSING:
+            kwargs[name] = None  # let later checks go on; the error is already recorded
+    instance = cls(**kwargs)
+    if hasattr(instance, "check"):
+        instance.check(at, ctx)
+    return instance
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
+    """Read, parse and validate a recipe; raises RecipeError listing every problem."""
+    label = str(path)
+    path = Path(path).resolve()
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise RecipeError([f"{label}: cannot read the recipe ({err.strerror or err})"]) from err
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{label}: the recipe is over {MAX_RECIPE_BYTES} bytes"])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError([f"{label}: not UTF-8 text ({err.reason} at byte {err.start})"]) from err
+    roots = (path.parent,) + tuple(Path(p).expanduser().resolve() for p in allow_paths)
+    source = Source(path, label, hashlib.sha256(raw).hexdigest(), {}, roots)
+    data = parse_yaml(text, source)
+    ctx = Context(source)
+    if not isinstance(data, dict):
+        ctx.error((), f"expected a mapping with at least a name, got {json_kind(data)}")
+        ctx.raise_if_any()
+    recipe = convert_dataclass(data, Recipe, (), ctx)
+    ctx.raise_if_any()
+    recipe.source = source
+    return recipe
+
+
+def parse_yaml(text: str, source: Source) -> Any:
+    """Safe-load one YAML document, recording every field's line in `source.lines`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems: list[tuple[int, str]] = []
+        record_lines(node, (), source.lines, problems)
+        if expanded_size(node, {}) > MAX_YAML_NODES:
+            problems.append((1, f"more than {MAX_YAML_NODES} values after expanding aliases"))
+        if problems:
+            raise RecipeError([f"{source.label}:{line}: {msg}" for line, msg in sorted(problems)])
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        raise RecipeError([f"{source.label}:{mark.line + 1}: YAML syntax error: "
+                           f"{err.problem or err.context}"]) from err
+    except yaml.YAMLError as err:
+        raise RecipeError([f"{source.label}: YAML error: {err}"]) from err
+    finally:
+        loader.dispose()
+
+
+def record_lines(node, at: Loc, lines: dict, problems: list, seen=None) -> None:
+    """Map field paths to 1-based lines; report duplicate keys (PyYAML keeps the last)."""
+    seen = set() if seen is None else seen
+    lines.setdefault(at, node.start_mark.line + 1)
+    if id(node) in seen:  # an alias: its fields were recorded where the anchor is
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode) or key == "<<":
+                continue
+            if key in first:
+                problems.append((line, f"{field_name(at + (key,))}: duplicate key "
+                                       f"(first on line {first[key]})"))
+            first.setdefault(key, line)
+            lines[at + (key,)] = line
+            record_lines(value_node, at + (key,), lines, problems, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            record_lines(item, at + (index,), lines, problems, seen)
+
+
+def expanded_size(node, memo: dict) -> int:
+    if id(node) not in memo:
+        memo[id(node)] = 1  # guards recursive documents
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair]
+                    if isinstance(node, yaml.MappingNode) else [])
+        memo[id(node)] = 1 + sum(expanded_size(child, memo) for child in children)
+    return memo[id(node)]
+
+
+# ---- JSON Schema --------------------------------------------------------------------------
+
+def schema_text() -> str:
+    """recipe_schema.json as shipped; regenerate with `omnigen2-batch schema > ...`."""
+    return json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a recipe, derived from the dataclasses (recipe_schema.json)."""
+    defs: dict[str, dict] = {}
+    root = dataclass_schema(Recipe, defs)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "title": "omnigen2-batch recipe", **root, "$defs": dict(sorted(defs.items()))}
+
+
+def dataclass_schema(cls, defs: dict) -> dict:
+    hints = get_type_hints(cls, include_extras=True)
+    properties, required = {}, []
+    for name, spec in schema_fields(cls).items():
+        properties[name] = {"description": spec.metadata["doc"], **type_schema(hints[name], defs)}
+        if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            required.append(name)
+        elif spec.default not in (None, dataclasses.MISSING):
+            properties[name]["default"] = spec.default
+    schema = {"type": "object", "additionalProperties": False, "properties": properties}
+    if getattr(cls, "FREE_PREFIX", None):
+        schema["patternProperties"] = {f"^{cls.FREE_PREFIX}": {}}
+    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
+        schema["description"] = " ".join(cls.__doc__.split())
+    return {**schema, "required": required} if required else schema
+
+
+def type_schema(tp, defs: dict) -> dict:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is Annotated:
+        schema = type_schema(args[0], defs)
+        for mark in args[1:]:
+            schema.update(mark.schema())
+        return schema
+    if origin in (Union, types.UnionType):
+        options = [type_schema(a, defs) for a in args if a is not type(None)]
+        return options[0] if len(options) == 1 else {"oneOf": options}
+    if origin is Literal:
+        return {"enum": list(args)}
+    if hasattr(tp, "schema"):
+        return tp.schema()
+    if dataclasses.is_dataclass(tp):
+        if tp.__name__ not in defs:
+            defs[tp.__name__] = {}  # reserve the name first: classes may refer to themselves
+            defs[tp.__name__] = dataclass_schema(tp, defs)
+        return {"$ref": f"#/$defs/{tp.__name__}"}
+    if origin is list:
+        return {"type": "array", "items": type_schema(args[0], defs)}
+    if origin is dict:
+        return {"type": "object", "propertyNames": type_schema(args[0], defs),
+                "additionalProperties": type_schema(args[1], defs)}
+    return {"type": {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]}
