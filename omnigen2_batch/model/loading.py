@@ -1,0 +1,206 @@
+"""load_pipeline: "tiny" | a local folder in the released layout | a Hugging Face hub id.
+
+The released layout is transformer/, vae/, scheduler/, mllm/, processor/ (model_index.json is
+optional). Weights load from safetensors only and no remote code ever runs. Every file is checked
+before the heavy loading starts, so a missing or corrupt component names its folder and file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("transformer", "vae", "scheduler", "mllm", "processor")
+WEIGHT_STEMS = {"transformer": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "mllm": "model"}
+# What a hub download fetches: configs, safetensors weights, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the folder/file and what to do."""
+
+
+def load_pipeline(spec: str | os.PathLike = "tiny", device: str | torch.device = "cpu",
+                  dtype: torch.dtype | str | None = None, offload: bool = False):
+    """An OmniGen2Pipeline ready on `device`.
+
+    dtype None means float32 on the CPU and bfloat16 elsewhere. offload=True moves each model
+    to the device only while it runs (accelerate's model CPU offload); it needs an accelerator
+    and is ignored, with a warning, on the CPU.
+    """
+    torch_dtype = resolve_dtype(dtype, device)
+    if str(spec) == "tiny":
+        from .tiny import build_tiny_pipeline
+
+        pipeline = build_tiny_pipeline()
+        if torch_dtype != torch.float32:
+            pipeline.to(dtype=torch_dtype)
+    else:
+        pipeline = load_folder(resolve_folder(spec), torch_dtype)
+    if offload and torch.device(device).type != "cpu":
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        if offload:
+            log.warning("offload=True ignored: CPU offload only helps on an accelerator (device=%s)", device)
+        pipeline.to(device)
+    return pipeline
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def resolve_folder(spec: str | os.PathLike) -> Path:
+    """A local folder as is; a hub id through huggingface_hub (its cache, HF_HUB_OFFLINE)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    text = str(spec)
+    if path.exists() or not HUB_ID.match(text):
+        raise ModelLoadError(f"model {text!r}: not a folder in the OmniGen2 layout and not a hub id "
+                             "(owner/name); pass 'tiny', a folder with transformer/ vae/ scheduler/ "
+                             "mllm/ processor/, or e.g. OmniGen2/OmniGen2")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # hub errors are many (offline, missing, auth); all mean the same here
+        raise ModelLoadError(
+            f"model {text!r}: not a local folder, and the hub download failed ({type(exc).__name__}: "
+            f"{exc}). With HF_HUB_OFFLINE=1 it must already be in the Hugging Face cache; otherwise "
+            "check the id and your network, or pass a local folder") from exc
+
+
+def load_folder(folder: Path, dtype: torch.dtype):
+    from .pipeline import OmniGen2Pipeline
+
+    for name in COMPONENTS:
+        check_component(folder, name)
+    components = {name: _load_component(folder / name, name, dtype) for name in COMPONENTS}
+    return OmniGen2Pipeline(**components, is_tiny=_model_index(folder).get("is_tiny", False))
+
+
+def check_component(folder: Path, name: str) -> None:
+    """Raise ModelLoadError unless folder/name holds its configs and (readable) weights."""
+    directory = folder / name
+    if not directory.is_dir():
+        raise ModelLoadError(f"{folder}: missing component folder '{name}/' (the OmniGen2 layout has "
+                             f"{', '.join(c + '/' for c in COMPONENTS)})")
+    required = {"scheduler": ["scheduler_config.json"], "processor": ["tokenizer_config.json"]}
+    for filename in required.get(name, ["config.json"]):
+        if not (directory / filename).is_file():
+            raise ModelLoadError(f"{directory}: missing {filename}")
+    if name == "processor" and not ((directory / "tokenizer.json").is_file()
+                                    or (directory / "vocab.json").is_file()):
+        raise ModelLoadError(f"{directory}: missing tokenizer.json (or vocab.json + merges.txt)")
+    for path in sorted(directory.glob("*.json")):
+        _read_json(path)
+    if name in WEIGHT_STEMS:
+        for path in _weight_files(directory, WEIGHT_STEMS[name]):
+            _check_safetensors(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: unreadable JSON ({exc}); restore the file from the model release") from exc
+
+
+def _weight_files(directory: Path, stem: str) -> list[Path]:
+    single = directory / f"{stem}.safetensors"
+    index = directory / f"{stem}.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing or not shards:
+            raise ModelLoadError(f"{index}: shard files missing: {missing or 'none listed'}")
+        return [directory / s for s in shards]
+    raise ModelLoadError(f"{directory}: missing {single.name} (or {index.name}); only safetensors "
+                         "weights are loaded")
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header; safetensors also checks that the data section has the declared length."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as exc:  # SafetensorError and OSError: both mean an unusable file
+        raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({exc}); download it again") from exc
+
+
+def _model_index(folder: Path) -> dict:
+    index = folder / "model_index.json"
+    return _read_json(index) if index.is_file() else {}
+
+
+def _load_component(directory: Path, name: str, dtype: torch.dtype):
+    try:
+        return _LOADERS[name](directory, dtype)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"{directory}: could not load the {name} ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_transformer(directory: Path, dtype):
+    from .transformer import OmniGen2Transformer2DModel
+
+    return OmniGen2Transformer2DModel.from_pretrained(directory, torch_dtype=dtype, use_safetensors=True).eval()
+
+
+def _load_vae(directory: Path, dtype):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(directory, torch_dtype=dtype, use_safetensors=True).eval()
+
+
+def _load_mllm(directory: Path, dtype):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        directory, dtype=dtype, use_safetensors=True, trust_remote_code=False).eval()
+
+
+def _load_scheduler(directory: Path, dtype):
+    from .scheduler import SCHEDULERS
+
+    path = directory / "scheduler_config.json"
+    class_name = _read_json(path).get("_class_name", "FlowMatchEulerDiscreteScheduler")
+    classes = {cls.__name__: cls for cls in SCHEDULERS.values()}
+    if class_name not in classes:
+        raise ModelLoadError(f"{path}: _class_name {class_name!r} is not one of {sorted(classes)}")
+    return classes[class_name].from_pretrained(directory)
+
+
+def _load_processor(directory: Path, dtype):
+    """The full Qwen2.5-VL processor when its image config is there (the MLLM can then see
+    images), else just the tokenizer (all that prompt encoding needs)."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    has_image_config = any((directory / f).is_file() for f in ("preprocessor_config.json", "processor_config.json"))
+    loader = AutoProcessor if has_image_config else AutoTokenizer
+    return loader.from_pretrained(directory, trust_remote_code=False)
+
+
+_LOADERS = {"transformer": _load_transformer, "vae": _load_vae, "scheduler": _load_scheduler,
+            "mllm": _load_mllm, "processor": _load_processor}
