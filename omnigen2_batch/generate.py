@@ -56,6 +56,7 @@ class PipelineGenerator:
             height=first.height, width=first.width, num_inference_steps=first.steps,
             text_guidance_scale=first.text_guidance, image_guidance_scale=first.image_guidance,
             cfg_range=tuple(first.cfg_range), scheduler=first.scheduler,
+            max_input_image_side_length=first.max_input_side,
             # CPU generators: the same seed gives the same noise on any device.
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
             output_type="pil",

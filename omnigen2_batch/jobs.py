@@ -51,7 +51,7 @@ class Scoring:
 # sorted JSON object.
 IDENTITY_FIELDS = (
     "kind", "prompt", "negative_prompt", "inputs", "width", "height", "steps",
-    "text_guidance", "image_guidance", "cfg_range", "scheduler", "seed", "model",
+    "text_guidance", "image_guidance", "cfg_range", "scheduler", "seed", "model", "max_input_side",
 )
 
 
@@ -72,6 +72,7 @@ class Job:
     scheduler: str = "euler"  # "euler" | "dpmsolver++"
     seed: int = 0
     model: str = "OmniGen2/OmniGen2"
+    max_input_side: int = 1024  # input images are shrunk to fit this side before encoding
     lang: str = "en"
     candidates: int = 1  # best-of-N first attempts
     max_attempts: int = 3  # budget for the reflection ladder (candidates included)
@@ -176,15 +177,17 @@ class GenRequest:
     cfg_range: tuple[float, float] = (0.0, 1.0)
     scheduler: str = "euler"
     seed: int = 0
+    max_input_side: int = 1024
 
     @classmethod
     def for_job(cls, job: Job, images: list, **overrides: Any) -> "GenRequest":
         fields = {name: getattr(job, name) for name in (
             "prompt", "negative_prompt", "width", "height", "steps", "text_guidance",
-            "image_guidance", "cfg_range", "scheduler", "seed")}
+            "image_guidance", "cfg_range", "scheduler", "seed", "max_input_side")}
         return cls(images=list(images), **{**fields, **overrides})
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can run in one pipeline call."""
         return (self.width, self.height, self.steps, self.text_guidance, self.image_guidance,
-                tuple(self.cfg_range), self.scheduler, tuple(im.size for im in self.images))
+                tuple(self.cfg_range), self.scheduler, self.max_input_side,
+                tuple(im.size for im in self.images))

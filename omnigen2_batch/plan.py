@@ -238,6 +238,7 @@ class JobBuilder:
                   image_guidance=IMAGE_GUIDANCE["t2i"] if kind == "t2i"
                   else self.setting(layers, "image_guidance", IMAGE_GUIDANCE[kind]),
                   cfg_range=get("cfg_range"), scheduler=get("scheduler"), model=self.model,
+                  max_input_side=get("max_input_side"),
                   lang=lang, candidates=candidates, max_attempts=max_attempts,
                   ladder=tuple(get("ladder")),
                   scoring=replace(scoring, thresholds=self.thresholds(layers)))

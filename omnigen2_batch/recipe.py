@@ -91,6 +91,7 @@ HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "size": (1024, 1024), "steps": 50, "text_guidance": 5.0, "cfg_range": (0.0, 1.0),
     "scheduler": "euler", "candidates": 1, "max_attempts": 3, "seed": 0, "ladder": (),
+    "max_input_side": 1024,
     "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
                        "watermark, text artifacts",
 }
@@ -382,6 +383,8 @@ class GenOptions:
     cfg_range: CfgRange | None = opt("[start, end] fraction of the steps that use guidance")
     scheduler: Literal[SCHEDULERS] | None = opt("euler or dpmsolver++")
     negative_prompt: str | None = opt("what the image should not show")
+    max_input_side: Annotated[int, Range(64, 2048)] | None = opt(
+        "input images are shrunk to fit this longest side before encoding (default 1024)")
     candidates: Annotated[int, Range(1, 16)] | None = opt("first attempts per job (best of N)")
     max_attempts: Annotated[int, Range(1, 32)] | None = opt(
         "attempt budget per job, candidates included")
