@@ -1,0 +1,238 @@
+"""The Ray executor on a real (loopback) Ray cluster: same results as the local executor, a node
+lost mid-run, and a job that kills its worker every time. The tiny model runs in the actors."""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+import threading
+from collections import Counter
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from omnigen2_batch.cli import main
+from omnigen2_batch.executors.ray import RayOptions, run_ray
+from omnigen2_batch.jobs import Job
+from omnigen2_batch.store import RunStore
+from omnigen2_batch.worker import WorkerSettings
+from ray_cluster import GPU_SLOT, slot_cluster, slot_cluster_session  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CRASH_MARKER = "<<test hook: this prompt kills its worker>>"
+
+SERIES_RECIPE = """
+name: ray-series
+model: tiny
+batch_size: 2
+defaults:
+  size: [64, 64]
+  steps: 2
+  max_attempts: 2
+  scoring:
+    model: tiny-clip
+    pretrained: random
+    thresholds: {text: 0.0}
+characters:
+  robo:
+    portrait: "a small round white robot with blue eyes"
+series:
+  - character: robo
+    shots:
+      - "the robot from the image watering plants"
+      - "the robot from the image playing chess"
+      - "the robot from the image reading a book"
+prompts:
+  - name: shapes
+    prompt: "a {color} cube on a table"
+    matrix: {color: [red, blue, green]}
+"""
+
+
+# ---------------------------------------------------------------------------- test-only worker
+class CrashOnMarker:
+    """Test hook: a generator that kills its own process when a prompt carries CRASH_MARKER,
+    the way a segfault or the kernel's OOM killer would."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def generate(self, requests: list) -> list:
+        if any(CRASH_MARKER in request.prompt for request in requests):
+            os._exit(1)
+        return self.inner.generate(requests)
+
+    def critique(self, image, prompt: str):
+        return self.inner.critique(image, prompt)
+
+
+def crashing_worker(settings: WorkerSettings):
+    """A worker_factory: the real tiny worker, behind CrashOnMarker."""
+    from omnigen2_batch.worker import build_worker
+
+    worker = build_worker(settings)
+    worker.generator = CrashOnMarker(worker.generator)
+    return worker
+
+
+def unbuildable_worker(settings: WorkerSettings):
+    """A worker_factory that fails the way a wrong model path does."""
+    raise FileNotFoundError(f"no model folder at /nowhere/{settings.model}")
+
+
+def _ship_this_module_by_value() -> None:
+    """Ray workers cannot import test modules; send this module's functions with the call."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# ---------------------------------------------------------------------------- helpers
+def t2i_jobs(count: int, *prompts_first: str) -> list[Job]:
+    prompts = [*prompts_first, *(f"a small tin toy number {n}" for n in range(count))]
+    return [Job("toys", f"toy{n}", "t2i", prompt, width=64, height=64, steps=2, seed=n,
+                model="tiny") for n, prompt in enumerate(prompts)]
+
+
+class CountingStore(RunStore):
+    """The real store, counting commits per job: a job committed twice would otherwise leave
+    the same final row and file as one committed once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.commits: Counter[str] = Counter()
+
+    def commit(self, job: Job, result, **kwargs) -> None:
+        self.commits[job.id] += 1
+        super().commit(job, result, **kwargs)
+
+
+def run_cli(*args: str) -> dict:
+    result = CliRunner().invoke(main, ["run", *args, "--json"])
+    assert result.exit_code in (0, 1), result.output
+    return json.loads(result.stdout)
+
+
+def manifest(run_dir: Path) -> dict[str, tuple]:
+    with RunStore.open(run_dir, readonly=True) as store:
+        return {row["id"]: (row["status"], row["image"], row["error"]) for row in store.jobs()}
+
+
+def result_files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for folder in ("kept", "rejected")
+                  for p in (run_dir / folder).rglob("*.png"))
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class KillNodeAfterFirstCommit(threading.Thread):
+    """Watches the manifest as `status` would; once a job is committed, kills a slot node whose
+    actor is up (so it has calls in flight: the plan has far more work than the first commit)."""
+
+    def __init__(self, cluster, run_dir: Path):
+        super().__init__(daemon=True)
+        self.cluster, self.db = cluster, run_dir / "manifest.sqlite"
+        self.killed = threading.Event()
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.wait(0.05):
+            busy = self.db.exists() and self._committed() > 0 and \
+                self.cluster.nodes_with_live_actor("WorkerActor")
+            if busy:
+                self.cluster.kill_node(busy[0])
+                self.killed.set()
+                return
+
+    def _committed(self) -> int:
+        with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM jobs WHERE status != 'pending'").fetchone()[0]
+
+
+# ---------------------------------------------------------------------------- tests
+def test_series_dag_matches_the_local_executor(tmp_path, slot_cluster):
+    recipe = tmp_path / "series.yaml"
+    recipe.write_text(SERIES_RECIPE)
+    local, remote = tmp_path / "local", tmp_path / "ray"
+
+    local_summary = run_cli(str(recipe), "--out", str(local), "--executor", "local")
+    ray_summary = run_cli(str(recipe), "--out", str(remote), "--executor", "ray",
+                          "--ray-address", slot_cluster.address, "--workers", "2")
+
+    assert ray_summary["total"] == local_summary["total"] == 7  # anchor + 3 shots + 3 prompts
+    assert ray_summary["pending"] == 0 and ray_summary["failed"] == 0
+    assert manifest(remote) == manifest(local)
+    files = result_files(remote)
+    assert files == result_files(local) and len(files) == 7
+    for name in files:
+        assert np.array_equal(pixels(remote / name), pixels(local / name)), name
+
+
+def test_a_job_that_kills_its_worker_fails_and_the_rest_complete(tmp_path, slot_cluster):
+    _ship_this_module_by_value()
+    jobs = t2i_jobs(3, f"a tin robot {CRASH_MARKER}")  # the crasher shares a micro-batch first
+    crasher = jobs[0].id
+    options = RayOptions(address=slot_cluster.address, workers=2,
+                         actor_resources={GPU_SLOT: 1}, worker_factory=crashing_worker,
+                         max_deaths=2)  # each death costs a worker restart (~10 s here)
+    with CountingStore.open(tmp_path / "run") as store:
+        store.add_jobs(jobs)
+        summary = run_ray(jobs, store, WorkerSettings(model="tiny", score=False), batch_size=2,
+                          progress=False, options=options)
+
+    rows = manifest(tmp_path / "run")
+    assert summary.failed == 1 and summary.kept == len(jobs) - 1 and summary.pending == 0
+    assert rows[crasher][0] == "failed"
+    assert rows[crasher][2] == "worker died 2 times while running this job"
+    assert all(rows[job.id][0] == "kept" for job in jobs[1:])  # its batch-mate included
+    assert store.commits == Counter({job.id: 1 for job in jobs})
+
+
+def test_a_node_lost_mid_run_loses_and_duplicates_nothing(tmp_path, slot_cluster, caplog):
+    jobs = t2i_jobs(24)
+    run_dir = tmp_path / "run"
+    killer = KillNodeAfterFirstCommit(slot_cluster, run_dir)
+    options = RayOptions(address=slot_cluster.address, workers=2, actor_resources={GPU_SLOT: 1})
+    with CountingStore.open(run_dir) as store:
+        store.add_jobs(jobs)
+        killer.start()
+        try:
+            summary = run_ray(jobs, store, WorkerSettings(model="tiny", score=False),
+                              batch_size=2, progress=False, options=options)
+        finally:
+            killer.finished.set()
+
+    assert killer.killed.is_set()
+    assert any("lost" in record.getMessage() for record in caplog.records)  # a call was cut off
+    assert summary.kept == len(jobs) and summary.pending == 0 and summary.failed == 0
+    assert store.commits == Counter({job.id: 1 for job in jobs})
+    rows = manifest(run_dir)
+    assert sorted(rows) == sorted(job.id for job in jobs)
+    assert all(status == "kept" for status, _, _ in rows.values())
+    files = result_files(run_dir)
+    assert len(files) == len(jobs)  # one image per job: nothing lost, nothing written twice
+    assert sorted(image for _, image, _ in rows.values()) == files
+
+
+def test_a_worker_that_cannot_be_built_stops_the_run_with_the_reason(tmp_path, slot_cluster):
+    _ship_this_module_by_value()
+    jobs = t2i_jobs(2)
+    options = RayOptions(address=slot_cluster.address, workers=2,
+                         actor_resources={GPU_SLOT: 1}, worker_factory=unbuildable_worker)
+    with RunStore.open(tmp_path / "run") as store:
+        store.add_jobs(jobs)
+        summary = run_ray(jobs, store, WorkerSettings(model="tiny", score=False),
+                          progress=False, options=options)
+
+    assert summary.error == ("a Ray worker failed to start: "
+                             "FileNotFoundError: no model folder at /nowhere/tiny")
+    assert summary.pending == len(jobs) and summary.exit_code == 1  # nothing blamed on the jobs
