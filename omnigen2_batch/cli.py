@@ -33,58 +33,6 @@ def main() -> None:
     """Batch image production with OmniGen2: recipes in, scored and kept images out."""
 
 
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--clip", "clip_model", help="open_clip model (default: the run's, else ViT-B-32)")
-@click.option("--pretrained", help="open_clip pretrained tag or local weights file (default: the run's)")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def score(run_dir: str, clip_model: str | None, pretrained: str | None, device: str, as_json: bool) -> None:
-    """Re-score RUN_DIR's outputs with CLIP and re-decide kept/rejected, without regenerating."""
-    import json
-
-    from .scoring import ClipScorer, ScorerError, rescore_run, run_clip_settings
-    from .store import StoreError
-
-    try:
-        settings = run_clip_settings(run_dir, clip_model, pretrained, device)
-        summary = rescore_run(run_dir, ClipScorer(**settings))
-    except (StoreError, ScorerError) as err:
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(2) from None
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
-        return
-    weights = "RANDOM weights, scores are meaningless" if summary["random_weights"] else summary["pretrained"]
-    click.echo(f"re-scored {summary['jobs']} jobs with {summary['clip_model']} ({weights}): "
-               f"{summary['kept']} kept, {summary['rejected']} rejected, {len(summary['changed'])} changed")
-    for change in summary["changed"]:
-        click.echo(f"  {change['name']}: {change['from']} -> {change['to']}")
-    for skipped in summary["skipped"]:
-        click.echo(f"  skipped {skipped['job']}: {skipped['error']}", err=True)
-    if summary["pairs"]:
-        click.echo(f"bilingual pairs: {len(summary['pairs'])}, mean EN/ZH similarity "
-                   f"{summary['similarity_mean']:.4f}, mean text gap {summary['text_gap_mean'] or 0:.4f}")
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--open", "open_browser", is_flag=True, help="open the report in the default browser")
-def report(run_dir: str, open_browser: bool) -> None:
-    """Write RUN_DIR/report.html (thumbnails in thumbs/, contact sheets in sheets/)."""
-    import webbrowser
-
-    from .report import ReportError, write_report
-
-    try:
-        page = write_report(run_dir)
-    except ReportError as err:
-        raise InvalidInput(str(err)) from None
-    click.echo(str(page))
-    if open_browser:
-        webbrowser.open(page.as_uri())
-
-
 def recipe_options(command):
     """--allow-path and --strict, shared by the commands that read a recipe."""
     command = click.option("--strict", is_flag=True,
@@ -234,3 +182,54 @@ def status(run_dir: str, as_json: bool) -> None:
     for section, by_state in counts["sections"].items():
         click.echo(f"{section:<{width}} " + " ".join(f"{by_state[s]:>8}" for s in states))
     click.echo(f"{'total':<{width}} " + " ".join(f"{counts['status'][s]:>8}" for s in states))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--clip", "clip_model", help="open_clip model (default: the run's, else ViT-B-32)")
+@click.option("--pretrained", help="open_clip pretrained tag or local weights file (default: the run's)")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def score(run_dir: str, clip_model: str | None, pretrained: str | None, device: str, as_json: bool) -> None:
+    """Re-score RUN_DIR's outputs with CLIP and re-decide kept/rejected, without regenerating."""
+    import json
+
+    from .scoring import ClipScorer, ScorerError, rescore_run, run_clip_settings
+    from .store import StoreError
+
+    try:
+        settings = run_clip_settings(run_dir, clip_model, pretrained, device)
+        summary = rescore_run(run_dir, ClipScorer(**settings))
+    except (StoreError, ScorerError) as err:
+        raise InvalidInput(str(err)) from None
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        return
+    weights = "RANDOM weights, scores are meaningless" if summary["random_weights"] else summary["pretrained"]
+    click.echo(f"re-scored {summary['jobs']} jobs with {summary['clip_model']} ({weights}): "
+               f"{summary['kept']} kept, {summary['rejected']} rejected, {len(summary['changed'])} changed")
+    for change in summary["changed"]:
+        click.echo(f"  {change['name']}: {change['from']} -> {change['to']}")
+    for skipped in summary["skipped"]:
+        click.echo(f"  skipped {skipped['job']}: {skipped['error']}", err=True)
+    if summary["pairs"]:
+        click.echo(f"bilingual pairs: {len(summary['pairs'])}, mean EN/ZH similarity "
+                   f"{summary['similarity_mean']:.4f}, mean text gap {summary['text_gap_mean'] or 0:.4f}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--open", "open_browser", is_flag=True, help="open the report in the default browser")
+def report(run_dir: str, open_browser: bool) -> None:
+    """Write RUN_DIR/report.html (thumbnails in thumbs/, contact sheets in sheets/)."""
+    import webbrowser
+
+    from .report import ReportError, write_report
+
+    try:
+        page = write_report(run_dir)
+    except ReportError as err:
+        raise InvalidInput(str(err)) from None
+    click.echo(str(page))
+    if open_browser:
+        webbrowser.open(page.as_uri())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from functools import cached_property
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -79,7 +80,7 @@ class Job:
     ladder: tuple[str, ...] = ()  # strategy names after the first attempt; () = the default
     scoring: Scoring = field(default_factory=Scoring)
 
-    @property
+    @cached_property  # hashed once: a resume scan of 10,000 jobs asks for ids many times
     def id(self) -> str:
         return job_id(self.identity())
 

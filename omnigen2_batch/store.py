@@ -213,7 +213,6 @@ class RunStore:
         """Write a job's images, then record it. Raises StoreFull when the disk is full."""
         files, image_path, attempt_paths = self._result_files(job, result, keep_attempts)
         self._write_files(files)
-        self._remove_orphan(job, result.status)
         now = time.time()
         attempts = [_attempt_row(job.id, a, attempt_paths.get(a.n), now) for a in result.attempts]
         with self._transaction():
@@ -227,6 +226,8 @@ class RunStore:
             self._conn.execute("DELETE FROM attempts WHERE job_id=?", (job.id,))
             self._conn.executemany(
                 "INSERT INTO attempts VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
+        # Only now: a crash before the rows commit must leave the old row's file in place.
+        self._remove_orphan(job, result.status)
 
     def _insert_if_missing(self, job: Job) -> None:
         """A committed job always has a row, even if the caller skipped add_jobs."""
@@ -262,8 +263,8 @@ class RunStore:
         return files, image_path, attempt_paths
 
     def _remove_orphan(self, job: Job, status: str) -> None:
-        """A job is only ever committed from pending/failed, so a file at the other final
-        location is left over from a crash in an earlier run and describes nothing."""
+        """The file at the other final location: left over from a crash in an earlier run, or
+        the old place of a result that `score` moved between kept/ and rejected/."""
         for other in FINAL:
             if other != status:
                 (self.run_dir / self.image_path(job, other)).unlink(missing_ok=True)

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import sys
-import threading
 from collections import Counter
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -134,28 +131,19 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-class KillNodeAfterFirstCommit(threading.Thread):
-    """Watches the manifest as `status` would; once a job is committed, kills a slot node whose
-    actor is up (so it has calls in flight: the plan has far more work than the first commit)."""
+class KillNodeOnFirstCommit(CountingStore):
+    """Kills a slot node whose actor is up, from inside the driver's first commit: the driver
+    has sent each actor more calls than have landed (24 jobs, 2 calls in flight per actor), so
+    the dead node always takes unfinished work with it, however fast the machine is."""
 
-    def __init__(self, cluster, run_dir: Path):
-        super().__init__(daemon=True)
-        self.cluster, self.db = cluster, run_dir / "manifest.sqlite"
-        self.killed = threading.Event()
-        self.finished = threading.Event()
+    cluster = None  # set by the test
+    killed = False
 
-    def run(self) -> None:
-        while not self.finished.wait(0.05):
-            busy = self.db.exists() and self._committed() > 0 and \
-                self.cluster.nodes_with_live_actor("WorkerActor")
-            if busy:
-                self.cluster.kill_node(busy[0])
-                self.killed.set()
-                return
-
-    def _committed(self) -> int:
-        with closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT COUNT(*) FROM jobs WHERE status != 'pending'").fetchone()[0]
+    def commit(self, job: Job, result, **kwargs) -> None:
+        super().commit(job, result, **kwargs)
+        if not self.killed:
+            self.cluster.kill_node(self.cluster.nodes_with_live_actor("WorkerActor")[0])
+            self.killed = True
 
 
 # ---------------------------------------------------------------------------- tests
@@ -173,8 +161,12 @@ def test_series_dag_matches_the_local_executor(tmp_path, slot_cluster):
     assert manifest(remote) == manifest(local)
     files = result_files(remote)
     assert files == result_files(local) and len(files) == 7
+    # Same seeds, same pixels. Which jobs share a micro-batch depends on when each actor asks
+    # for work, and a batched matrix product may round differently from a smaller one: up to
+    # one 8-bit level (the pipeline tests pin batched == one-by-one to the same bound).
     for name in files:
-        assert np.array_equal(pixels(remote / name), pixels(local / name)), name
+        diff = np.abs(pixels(remote / name).astype(int) - pixels(local / name).astype(int))
+        assert diff.max() <= 1, name
 
 
 def test_a_job_that_kills_its_worker_fails_and_the_rest_complete(tmp_path, slot_cluster):
@@ -200,18 +192,14 @@ def test_a_job_that_kills_its_worker_fails_and_the_rest_complete(tmp_path, slot_
 def test_a_node_lost_mid_run_loses_and_duplicates_nothing(tmp_path, slot_cluster, caplog):
     jobs = t2i_jobs(24)
     run_dir = tmp_path / "run"
-    killer = KillNodeAfterFirstCommit(slot_cluster, run_dir)
     options = RayOptions(address=slot_cluster.address, workers=2, actor_resources={GPU_SLOT: 1})
-    with CountingStore.open(run_dir) as store:
+    with KillNodeOnFirstCommit.open(run_dir) as store:
+        store.cluster = slot_cluster
         store.add_jobs(jobs)
-        killer.start()
-        try:
-            summary = run_ray(jobs, store, WorkerSettings(model="tiny", score=False),
-                              batch_size=2, progress=False, options=options)
-        finally:
-            killer.finished.set()
+        summary = run_ray(jobs, store, WorkerSettings(model="tiny", score=False),
+                          batch_size=2, progress=False, options=options)
 
-    assert killer.killed.is_set()
+    assert store.killed
     assert any("lost" in record.getMessage() for record in caplog.records)  # a call was cut off
     assert summary.kept == len(jobs) and summary.pending == 0 and summary.failed == 0
     assert store.commits == Counter({job.id: 1 for job in jobs})

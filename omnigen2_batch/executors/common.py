@@ -14,7 +14,6 @@ The driver is the single writer of the store, so it must live in the process tha
 from __future__ import annotations
 
 import heapq
-import importlib.util
 import logging
 import signal
 import sys
@@ -131,6 +130,7 @@ class Driver:
         self.started = time.monotonic()
         self._errors: dict[str, str] = {}  # job id -> why it failed, for dependants' messages
         self._tally: dict[str, int] = {}  # this run's outcomes, for the progress bar
+        self.note: Callable[[], str] | None = None  # extra progress text (Ray: per-worker rates)
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._unfinished = sum(1 for state in self.status.values() if state == "pending")
         self._bar = _progress_bar(len(self.jobs), len(self.jobs) - self._unfinished, progress)
@@ -260,8 +260,8 @@ class Driver:
             self._errors[job.id] = result.error
         self.ran += 1
         self._tally[result.status] = self._tally.get(result.status, 0) + 1
-        self._bar.set_postfix_str(" ".join(f"{k} {v}" for k, v in sorted(self._tally.items())),
-                                  refresh=False)
+        tally = " ".join(f"{k} {v}" for k, v in sorted(self._tally.items()))
+        self._bar.set_postfix_str(f"{tally} | {self.note()}" if self.note else tally, refresh=False)
         self._bar.update(1)
         for waiting in self.dependants.get(job.id, ()):
             if waiting not in self.jobs or self.status[waiting] != "pending":
@@ -341,6 +341,8 @@ def execute(plan: Any, recipe_text: str, run_dir: str | Path, settings: Any, *,
         with stop_on_signals(threading.Event()) as stop:
             summary = run(plan.jobs, store, settings, batch_size=batch_size,
                           keep_attempts=keep_attempts, progress=progress, stop=stop)
+        if summary.ran and settings.score and any(job.scoring.pair for job in plan.jobs):
+            _record_bilingual_parity(store, settings)
     report = Path(run_dir) / "report.html"
     if summary.ran or not report.exists():  # a rerun with nothing to do leaves the dir as it was
         _write_report(run_dir)
@@ -359,11 +361,18 @@ def _executor(name: str, options: dict[str, Any]) -> Callable[..., RunSummary]:
     return run_local
 
 
+def _record_bilingual_parity(store: RunStore, settings: Any) -> None:
+    """EN vs ZH similarity and text-score gap per pair: it compares two jobs' outputs, which
+    may have run on different workers, so the driver does it once at the end, on the CPU."""
+    from ..scoring import ClipScorer, record_pairs
+
+    record_pairs(store, ClipScorer(settings.clip_model, settings.clip_pretrained,
+                                   multilingual=settings.multilingual))
+
+
 def _write_report(run_dir: str | Path) -> None:
-    """The report helper's page, when that module is installed; a broken report never costs
-    the run its images, so its failure is logged and the run's outcome stands."""
-    if importlib.util.find_spec("omnigen2_batch.report") is None:
-        return
+    """A broken report never costs the run its images: its failure is logged and the run's
+    outcome stands."""
     from ..report import write_report
 
     try:
