@@ -56,34 +56,32 @@ of 16, got [1000, 7]", all of them at once.
 
 The schema is the dataclasses below: their annotations give the YAML shape (Size, CfgRange,
 InputFile and InputGlob are schema types whose converted values are plain tuples/paths),
-their `doc` metadata the descriptions; `json_schema()` derives recipe_schema.json from them.
+their `doc` metadata the descriptions. typed_yaml.py converts YAML into them (and reports
+errors with file:line); `json_schema()` derives recipe_schema.json from them.
 No torch here: `validate` and `plan` must answer in well under a second.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import glob
 import hashlib
 import json
 import os
 import re
 import string
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
-
-import yaml
+from typing import Annotated, Any, Literal
 
 from .reflection import LADDER_STEPS
 from .scoring import METRICS
+from .typed_yaml import (INVALID, Context, DocumentError, Loc, Pattern, Range, Source,
+                         convert_dataclass, dataclass_schema, did_you_mean, field_name, json_kind,
+                         opt, parse_yaml, req, show)
 
 DEFAULT_MODEL = "OmniGen2/OmniGen2"
 SCHEDULERS = ("euler", "dpmsolver++")
 MIN_SIDE, MAX_SIDE, SIZE_STEP = 64, 2048, 16
 MAX_RECIPE_BYTES = 1 << 20
-MAX_YAML_NODES = 100_000  # after alias expansion: refuses "billion laughs" documents
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 
@@ -100,113 +98,11 @@ BUILTIN_SCORING = {"enabled": True, "model": "ViT-B-32", "pretrained": "openai",
 RANDOM_WEIGHTS = "random"  # scoring.pretrained value for seeded random CLIP weights (tests)
 
 
-class RecipeError(Exception):
+class RecipeError(DocumentError):
     """An invalid recipe (or plan); `errors` holds every "file:line: field: message"."""
 
-    def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
 
-
-# ---- where a value came from --------------------------------------------------------------
-
-Loc = tuple  # a field path such as ("series", 0, "shots", 2, "size")
-
-
-def field_name(at: Loc) -> str:
-    """("series", 0, "shots", 2) -> "series[0].shots[2]"."""
-    text = ""
-    for part in at:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "(top level)"
-
-
-@dataclass
-class Source:
-    """The recipe file as read, plus the line of every field in it."""
-
-    path: Path  # absolute
-    label: str  # the path as the person gave it, used in messages
-    sha256: str
-    lines: dict[Loc, int]
-    roots: tuple[Path, ...]  # folders the recipe may read from: its own + --allow-path
-
-    def line(self, at: Loc) -> int:
-        for end in range(len(at), -1, -1):
-            if at[:end] in self.lines:
-                return self.lines[at[:end]]
-        return 1
-
-    def where(self, at: Loc) -> str:
-        return f"{self.label}:{self.line(at)}: {field_name(at)}"
-
-
-class Context:
-    """Conversion state: the source and the errors found so far (line, message)."""
-
-    def __init__(self, source: Source):
-        self.source = source
-        self.found: list[tuple[int, str]] = []
-
-    def error(self, at: Loc, message: str) -> None:
-        self.found.append((self.source.line(at), f"{self.source.where(at)}: {message}"))
-
-    def raise_if_any(self) -> None:
-        if self.found:
-            raise RecipeError([text for _, text in sorted(self.found, key=lambda f: f[0])])
-
-
-INVALID = object()  # a value that failed conversion (its error is already recorded)
-
-
-def did_you_mean(word: Any, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-def show(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    text = json.dumps(value, ensure_ascii=False, default=str)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-# ---- schema types -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Range:
-    """Annotated constraint: lo <= value <= hi."""
-
-    lo: float
-    hi: float
-
-    def check(self, value, at, ctx) -> bool:
-        if self.lo <= value <= self.hi:
-            return True
-        ctx.error(at, f"expected a value from {show(self.lo)} to {show(self.hi)}, "
-                      f"got {show(value)}")
-        return False
-
-    def schema(self) -> dict:
-        return {"minimum": self.lo, "maximum": self.hi}
-
-
-@dataclass(frozen=True)
-class Pattern:
-    """Annotated constraint: the string matches `regex`; `hint` says what that means."""
-
-    regex: str
-    hint: str
-
-    def check(self, value, at, ctx) -> bool:
-        if re.search(self.regex, value):
-            return True
-        ctx.error(at, f"expected {self.hint}, got {show(value)}")
-        return False
-
-    def schema(self) -> dict:
-        return {"pattern": self.regex}
-
+# ---- recipe-specific schema types ---------------------------------------------------------
 
 Name = Annotated[str, Pattern(NAME_PATTERN, "a name of letters, digits, '_', '-' or '.'")]
 Text = Annotated[str, Pattern(r"\S", "non-empty text")]
@@ -331,17 +227,6 @@ def resolve_inside(value: str, at: Loc, ctx: Context, report: bool = True) -> Pa
 
 
 # ---- the schema ---------------------------------------------------------------------------
-
-def opt(doc: str, default: Any = None, factory: Any = None) -> Any:
-    """An optional field; unset (None) means: inherit from the level above."""
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
-def req(doc: str) -> Any:
-    return field(metadata={"doc": doc})
-
 
 Metric = Literal[METRICS]
 
@@ -599,112 +484,6 @@ def check_model(model: str | None, ctx: Context) -> str | None:
     return model
 
 
-# ---- conversion: YAML values -> the dataclasses above ---------------------------------------
-
-def json_kind(value: Any) -> str:
-    for kind, types_ in (("boolean", bool), ("integer", int), ("number", float),
-                         ("string", str), ("array", list), ("object", dict)):
-        if isinstance(value, types_):
-            return kind
-    return "null" if value is None else type(value).__name__
-
-
-def kinds_of(tp) -> set[str]:
-    """The YAML kinds a schema type accepts (unions dispatch on these)."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Annotated:
-        return kinds_of(args[0])
-    if origin in (Union, types.UnionType):
-        return set().union(*(kinds_of(a) for a in args))
-    if origin is Literal:
-        return {json_kind(a) for a in args}
-    if hasattr(tp, "KINDS"):
-        return tp.KINDS
-    if dataclasses.is_dataclass(tp) or origin is dict:
-        return {"object"}
-    return {list: {"array"}, str: {"string"}, int: {"integer"}, float: {"integer", "number"},
-            bool: {"boolean"}, type(None): {"null"}}[origin or tp]
-
-
-def describe(tp) -> str:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Annotated:
-        return describe(args[0])
-    if origin in (Union, types.UnionType):
-        return " or ".join(describe(a) for a in args if a is not type(None))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if hasattr(tp, "DESCRIPTION"):
-        return tp.DESCRIPTION
-    if dataclasses.is_dataclass(tp) or origin is dict:
-        return "a mapping"
-    return {list: "a list", str: "a string", int: "an integer", float: "a number",
-            bool: "true or false"}[origin or tp]
-
-
-def convert(value: Any, tp, at: Loc, ctx: Context) -> Any:
-    """`value` as schema type `tp`, or INVALID after recording why not."""
-    origin, args = get_origin(tp), get_args(tp)
-    if origin in (Union, types.UnionType):
-        for alternative in args:  # None in a union means "absent"; a YAML null is an error
-            if alternative is not type(None) and json_kind(value) in kinds_of(alternative):
-                return convert(value, alternative, at, ctx)
-    elif json_kind(value) in kinds_of(tp):
-        if origin is Annotated:
-            result = convert(value, args[0], at, ctx)
-            ok = result is not INVALID and all(mark.check(result, at, ctx) for mark in args[1:])
-            return result if ok else INVALID
-        if hasattr(tp, "convert"):
-            return tp.convert(value, at, ctx)
-        if dataclasses.is_dataclass(tp):
-            return convert_dataclass(value, tp, at, ctx)
-        if origin is list:
-            return [convert(item, args[0], at + (i,), ctx) for i, item in enumerate(value)]
-        if origin is dict:
-            pairs = [(convert(k, args[0], at + (k,), ctx), convert(v, args[1], at + (k,), ctx))
-                     for k, v in value.items()]
-            return {k: v for k, v in pairs if k is not INVALID and v is not INVALID}
-        if origin is Literal and value not in args:
-            ctx.error(at, f"expected one of {', '.join(map(repr, args))}, got {show(value)}"
-                          f"{did_you_mean(value, args)}")
-            return INVALID
-        return float(value) if tp is float else value
-    hint = " (remove the key to use the default)" if value is None else ""
-    ctx.error(at, f"expected {describe(tp)}, got {json_kind(value)} {show(value)}{hint}")
-    return INVALID
-
-
-def schema_fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
-
-
-def convert_dataclass(value: dict, cls, at: Loc, ctx: Context):
-    hints = get_type_hints(cls, include_extras=True)
-    fields = schema_fields(cls)
-    hints_for_unknown = getattr(cls, "HINTS", {})
-    free = getattr(cls, "FREE_PREFIX", None)
-    for key in value:
-        if key not in fields and not (free and str(key).startswith(free)):
-            hint = hints_for_unknown.get(key)
-            ctx.error(at + (key,), f"not allowed here: {hint}" if hint else
-                      f"unknown key{did_you_mean(key, fields)}")
-    kwargs = {}
-    for name, spec in fields.items():
-        required = spec.default is dataclasses.MISSING
-        if name in value:
-            result = convert(value[name], hints[name], at + (name,), ctx)
-            if result is not INVALID:
-                kwargs[name] = result
-        elif required and spec.default_factory is dataclasses.MISSING:
-            ctx.error(at, f"missing required key '{name}'")
-        if name not in kwargs and required and spec.default_factory is dataclasses.MISSING:
-            kwargs[name] = None  # let later checks go on; the error is already recorded
-    instance = cls(**kwargs)
-    if hasattr(instance, "check"):
-        instance.check(at, ctx)
-    return instance
-
-
 # ---- loading ------------------------------------------------------------------------------
 
 def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
@@ -723,8 +502,8 @@ def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
         raise RecipeError([f"{label}: not UTF-8 text ({err.reason} at byte {err.start})"]) from err
     roots = (path.parent,) + tuple(Path(p).expanduser().resolve() for p in allow_paths)
     source = Source(path, label, hashlib.sha256(raw).hexdigest(), {}, roots)
-    data = parse_yaml(text, source)
-    ctx = Context(source)
+    data = parse_yaml(text, source, RecipeError)
+    ctx = Context(source, RecipeError)
     if not isinstance(data, dict):
         ctx.error((), f"expected a mapping with at least a name, got {json_kind(data)}")
         ctx.raise_if_any()
@@ -732,64 +511,6 @@ def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
     ctx.raise_if_any()
     recipe.source = source
     return recipe
-
-
-def parse_yaml(text: str, source: Source) -> Any:
-    """Safe-load one YAML document, recording every field's line in `source.lines`."""
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        problems: list[tuple[int, str]] = []
-        record_lines(node, (), source.lines, problems)
-        if expanded_size(node, {}) > MAX_YAML_NODES:
-            problems.append((1, f"more than {MAX_YAML_NODES} values after expanding aliases"))
-        if problems:
-            raise RecipeError([f"{source.label}:{line}: {msg}" for line, msg in sorted(problems)])
-        return loader.construct_document(node)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        raise RecipeError([f"{source.label}:{mark.line + 1}: YAML syntax error: "
-                           f"{err.problem or err.context}"]) from err
-    except yaml.YAMLError as err:
-        raise RecipeError([f"{source.label}: YAML error: {err}"]) from err
-    finally:
-        loader.dispose()
-
-
-def record_lines(node, at: Loc, lines: dict, problems: list, seen=None) -> None:
-    """Map field paths to 1-based lines; report duplicate keys (PyYAML keeps the last)."""
-    seen = set() if seen is None else seen
-    lines.setdefault(at, node.start_mark.line + 1)
-    if id(node) in seen:  # an alias: its fields were recorded where the anchor is
-        return
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        first: dict[Any, int] = {}
-        for key_node, value_node in node.value:
-            key, line = key_node.value, key_node.start_mark.line + 1
-            if not isinstance(key_node, yaml.ScalarNode) or key == "<<":
-                continue
-            if key in first:
-                problems.append((line, f"{field_name(at + (key,))}: duplicate key "
-                                       f"(first on line {first[key]})"))
-            first.setdefault(key, line)
-            lines[at + (key,)] = line
-            record_lines(value_node, at + (key,), lines, problems, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            record_lines(item, at + (index,), lines, problems, seen)
-
-
-def expanded_size(node, memo: dict) -> int:
-    if id(node) not in memo:
-        memo[id(node)] = 1  # guards recursive documents
-        children = (node.value if isinstance(node, yaml.SequenceNode) else
-                    [n for pair in node.value for n in pair]
-                    if isinstance(node, yaml.MappingNode) else [])
-        memo[id(node)] = 1 + sum(expanded_size(child, memo) for child in children)
-    return memo[id(node)]
 
 
 # ---- JSON Schema --------------------------------------------------------------------------
@@ -805,47 +526,3 @@ def json_schema() -> dict:
     root = dataclass_schema(Recipe, defs)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
             "title": "omnigen2-batch recipe", **root, "$defs": dict(sorted(defs.items()))}
-
-
-def dataclass_schema(cls, defs: dict) -> dict:
-    hints = get_type_hints(cls, include_extras=True)
-    properties, required = {}, []
-    for name, spec in schema_fields(cls).items():
-        properties[name] = {"description": spec.metadata["doc"], **type_schema(hints[name], defs)}
-        if spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
-            required.append(name)
-        elif spec.default not in (None, dataclasses.MISSING):
-            properties[name]["default"] = spec.default
-    schema = {"type": "object", "additionalProperties": False, "properties": properties}
-    if getattr(cls, "FREE_PREFIX", None):
-        schema["patternProperties"] = {f"^{cls.FREE_PREFIX}": {}}
-    if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "("):
-        schema["description"] = " ".join(cls.__doc__.split())
-    return {**schema, "required": required} if required else schema
-
-
-def type_schema(tp, defs: dict) -> dict:
-    origin, args = get_origin(tp), get_args(tp)
-    if origin is Annotated:
-        schema = type_schema(args[0], defs)
-        for mark in args[1:]:
-            schema.update(mark.schema())
-        return schema
-    if origin in (Union, types.UnionType):
-        options = [type_schema(a, defs) for a in args if a is not type(None)]
-        return options[0] if len(options) == 1 else {"oneOf": options}
-    if origin is Literal:
-        return {"enum": list(args)}
-    if hasattr(tp, "schema"):
-        return tp.schema()
-    if dataclasses.is_dataclass(tp):
-        if tp.__name__ not in defs:
-            defs[tp.__name__] = {}  # reserve the name first: classes may refer to themselves
-            defs[tp.__name__] = dataclass_schema(tp, defs)
-        return {"$ref": f"#/$defs/{tp.__name__}"}
-    if origin is list:
-        return {"type": "array", "items": type_schema(args[0], defs)}
-    if origin is dict:
-        return {"type": "object", "propertyNames": type_schema(args[0], defs),
-                "additionalProperties": type_schema(args[1], defs)}
-    return {"type": {str: "string", int: "integer", float: "number", bool: "boolean"}[tp]}
