@@ -53,7 +53,7 @@ class Part:
     width: int
     local: torch.Tensor
     joint: torch.Tensor
-    mask: torch.Tensor  # [rows, width] bool, True on valid tokens
+    mask: torch.Tensor | None  # [rows, width] bool, True on valid tokens; None: no padding
 
     def scatter(self, tokens: torch.Tensor) -> torch.Tensor:
         """Valid tokens [n, ...] -> this part's zero-padded batch [rows, width, ...]."""
@@ -65,7 +65,8 @@ class Part:
         return padded.flatten(0, 1).index_select(0, self.local)
 
     def to(self, device) -> "Part":
-        return replace(self, local=self.local.to(device), joint=self.joint.to(device), mask=self.mask.to(device))
+        mask = None if self.mask is None else self.mask.to(device)
+        return replace(self, local=self.local.to(device), joint=self.joint.to(device), mask=mask)
 
 
 def _span_index(rows, starts, lengths, width) -> torch.Tensor:
@@ -74,7 +75,11 @@ def _span_index(rows, starts, lengths, width) -> torch.Tensor:
     return torch.cat(spans) if spans else torch.zeros(0, dtype=torch.long)
 
 
-def _prefix_mask(lengths, width) -> torch.Tensor:
+def _prefix_mask(lengths, width) -> torch.Tensor | None:
+    """Key-padding mask, or None when nothing is padded (one sample, or equal lengths): SDPA's
+    fused kernels (flash attention on a GPU) take no mask, so the common case stays fast."""
+    if all(n == width for n in lengths):
+        return None
     return torch.arange(width)[None, :] < torch.tensor(lengths, dtype=torch.long)[:, None]
 
 
@@ -100,7 +105,7 @@ class SequenceLayout:
     image: Part  # rows = B, width = longest noisy image
     ref_owner: torch.Tensor  # [R] sample of each ref image
     ref_token_slot: torch.Tensor  # [sum ref tokens] index (0..4) of the ref image within its sample
-    joint_mask: torch.Tensor  # [B, S] bool
+    joint_mask: torch.Tensor | None  # [B, S] bool; None: no padding
     position_ids: torch.Tensor  # [B, S, 3] int32, zero on padding
     image_grids: list  # (rows, cols) token grid of each noisy image
 
