@@ -161,6 +161,19 @@ def test_a_finished_run_again_changes_nothing_and_loads_no_model(tmp_path):
     assert summary.ran == 0 and summary.kept == 2 and summary.exit_code == 0
 
 
+def test_a_model_that_cannot_load_ends_the_run_with_the_reason(tmp_path):
+    recipe = write_tiny_recipe(tmp_path / "in", PROMPTS_ONLY)
+    not_a_model = tmp_path / "empty-folder"
+    not_a_model.mkdir()
+    result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"),
+                                       "--model", str(not_a_model)])
+    assert result.exit_code == 1
+    assert "the worker failed to start" in result.output and str(not_a_model) in result.output
+    assert "Traceback" not in result.output
+    with RunStore.open(tmp_path / "run", readonly=True) as store:
+        assert set(store.statuses().values()) == {"pending"}
+
+
 @pytest.mark.slow
 def test_full_disk_stops_the_run_and_leaves_jobs_pending(tmp_path, worker, monkeypatch):
     recipe = write_tiny_recipe(tmp_path / "in", PROMPTS_ONLY)

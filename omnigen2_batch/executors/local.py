@@ -24,9 +24,14 @@ def run_local(plan_jobs: list[Job], store: RunStore, settings: Any, *, batch_siz
     if not driver.ready:
         return driver.summary()  # nothing to do: do not pay for loading the model
     if worker is None:
+        from ..model import ModelLoadError
+        from ..scoring import ScorerError
         from ..worker import build_worker
 
-        worker = build_worker(settings)
+        try:
+            worker = build_worker(settings)
+        except (ModelLoadError, ScorerError) as exc:  # nothing ran: every job stays pending
+            return driver.summary(error=f"the worker failed to start: {exc}")
     try:
         while not stop.is_set():
             batch = driver.next_batch(batch_size)
