@@ -56,13 +56,14 @@ def _input_images(case, spec):
     return [[Image.open(case.parent / name).convert("RGB") for name in items] for items in listed]
 
 
-def _check_vae_encode(pipe, images, data):
+def _check_vae_encode(pipe, images, data, kwargs):
     """Preprocessing, posterior and normalisation vs the record; returns the recorded samples
     normalised by our code, one list per prompt (the fixture cases have one prompt)."""
     vae = pipe.vae
+    limits = (kwargs.get("max_pixels", 1024 * 1024), kwargs.get("max_input_image_side_length", 1024))
     refs = []
     for i, image in enumerate(images[0]):
-        size = fit_size(*image.size, 1024 * 1024, 1024, pipe.size_multiple)
+        size = fit_size(*image.size, *limits, pipe.size_multiple)
         pixels = preprocess_image(image, size)
         _close(pixels, data[f"vae_encode.{i}.input_image"], f"vae_encode.{i}.input_image")
         posterior = vae.encode(pixels).latent_dist
@@ -101,13 +102,11 @@ def _run_case(pipe, case):
             kwargs[name] = data[f"arg.{name}"]
     if "cfg_range" in kwargs:
         kwargs["cfg_range"] = tuple(kwargs["cfg_range"])
-    # The official defaults for what the cases leave out (ours differ: 50 steps, image CFG 2.0).
-    kwargs.setdefault("image_guidance_scale", 1.0)
     seed = int(re.search(r"manual_seed\((\d+)\)", spec["generator"]).group(1))
     images = _input_images(case, spec)
     ref_latents = None
     if images and any(images):
-        ref_latents = _check_vae_encode(pipe, images, data)
+        ref_latents = _check_vae_encode(pipe, images, data, kwargs)
     if spec["mllm_used"]:
         _check_text_encoding(pipe, spec, data)
 

@@ -109,9 +109,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
         negative_prompt: str | Sequence[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        text_guidance_scale: float = 5.0,
-        image_guidance_scale: float = 2.0,
+        num_inference_steps: int = 28,  # the official pipeline's defaults; recipes set their own
+        text_guidance_scale: float = 4.0,
+        image_guidance_scale: float = 1.0,
         cfg_range: tuple[float, float] = (0.0, 1.0),
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
