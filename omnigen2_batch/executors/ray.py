@@ -6,8 +6,10 @@ the single writer of the store. Actors only run `Worker.run`.
 
 Faults: an actor whose process or node dies takes nothing with it. Its queued micro-batches go
 back to the queue; the one it was running (the oldest, since an actor runs its calls in order) is
-blamed, and if it held several jobs they are retried one by one so that batch-mates of a job that
-crashes its worker are not blamed again. A job blamed for `max_deaths` deaths is failed. Ray
+blamed. Blame can fall on an innocent call: one that finished just before a crash whose reply was
+lost with the process. So every blamed job becomes a *suspect* and is retried alone, on an idle
+actor with nothing queued behind it: a second death there is its own. A job blamed for
+`max_deaths` deaths is failed. Ray
 restarts a dead actor (`max_restarts`); when it gives up, the driver starts a new one. Results of
 abandoned calls are never read, so no job is committed twice.
 """
@@ -88,6 +90,7 @@ class _Slot:
     label: str = ""  # host:pid once up
     up_since: float | None = None
     done: int = 0  # jobs it finished in this run
+    isolating: bool = False  # running a suspect alone: nothing may be queued behind it
 
     @property
     def up(self) -> bool:
@@ -109,7 +112,8 @@ class RayPool:
             max_restarts=options.max_restarts, max_task_retries=0)
         self.replacements_left = 2 * count  # a crash loop in a constructor must end somewhere
         self.slots = [self._start(n) for n in range(count)]
-        self.retry: deque[MicroBatch] = deque()  # batches given back by dead actors
+        self.retry: deque[MicroBatch] = deque()  # untouched batches given back by dead actors
+        self.suspects: deque[MicroBatch] = deque()  # one job each, running when an actor died
         self.deaths: Counter[str] = Counter()  # job id -> deaths it was running at
         self.last_progress = time.monotonic()
 
@@ -141,16 +145,24 @@ class RayPool:
                         for s in self.slots if s.up)
 
     def _fill(self, driver: Driver, batch_size: int) -> None:
-        """Top every live actor up to `in_flight` calls, one call per actor per pass so that
-        scarce ready work (a DAG front) spreads over the actors."""
-        for depth in range(self.options.in_flight):
+        """Suspects first, each alone on an idle actor. Then top every other live actor up to
+        `in_flight` calls, one call per actor per pass so that scarce ready work (a DAG front)
+        spreads over the actors; while suspects wait, only to one call, so actors fall idle."""
+        for slot in self.slots:
+            if self.suspects and slot.up and not slot.queue:
+                self._send(slot, self.suspects.popleft(), isolating=True)
+        for depth in range(1 if self.suspects else self.options.in_flight):
             for slot in self.slots:
-                if not slot.up or len(slot.queue) > depth:
+                if not slot.up or slot.isolating or len(slot.queue) > depth:
                     continue
                 batch = self.retry.popleft() if self.retry else driver.next_batch(batch_size)
                 if batch is None:
                     return
-                slot.queue.append((slot.handle.run.remote(batch.jobs, batch.images), batch))
+                self._send(slot, batch)
+
+    def _send(self, slot: _Slot, batch: MicroBatch, isolating: bool = False) -> None:
+        slot.queue.append((slot.handle.run.remote(batch.jobs, batch.images), batch))
+        slot.isolating = isolating
 
     def _step(self, driver: Driver | None) -> None:
         import ray
@@ -199,6 +211,7 @@ class RayPool:
         log.warning("worker w%d lost: %s", slot.index, str(exc).splitlines()[0])
         calls = list(slot.queue)
         slot.queue.clear()
+        slot.isolating = False
         finished, _ = ray.wait([ref for ref, _ in calls], num_returns=len(calls), timeout=0)
         landed = 0  # stops at the latest at the call whose error brought us here
         while (results := _fetch_if_finished(*calls[landed], finished)) is not None:
@@ -219,7 +232,7 @@ class RayPool:
                 reason = f"worker died {self.deaths[job.id]} times while running this job"
                 self._commit_failure(single, reason, driver)
             else:
-                self.retry.appendleft(single)
+                self.suspects.append(single)
 
     def _commit_failure(self, batch: MicroBatch, reason: str, driver: Driver) -> None:
         self.last_progress = time.monotonic()
@@ -271,6 +284,7 @@ class RayPool:
         for n, (queued, batch) in enumerate(slot.queue):
             if queued == ref:
                 del slot.queue[n]
+                slot.isolating = False  # an isolating actor runs that one call only
                 return batch
         raise KeyError(ref)
 
