@@ -102,36 +102,9 @@ def load_run(run_dir: Path) -> Run:
     with store:
         views = [JobView(row, Job.from_dict(row["job"]), store.attempts(row["id"])) for row in store.jobs()]
         run = Run(store.run_dir, store.meta(), views, store.pairs())
-    unclear = [v for v in views if v.row["image"] and not _only_passing(v)]
-    with ThreadPoolExecutor(_workers()) as pool:
-        chunks = dict(zip((v.id for v in unclear), pool.map(lambda v: _image_attempt(run.root, v), unclear)))
     for view in views:
-        view.best = _only_passing(view) or _best_attempt(view, chunks.get(view.id))
+        view.best = next((a for a in view.attempts if a["n"] == view.row["best"]), None)
     return run
-
-
-def _only_passing(view: JobView) -> dict[str, Any] | None:
-    """A kept job with exactly one passing attempt: that attempt made its image."""
-    passed = [a for a in view.attempts if a["passed"]]
-    return passed[0] if view.status == "kept" and len(passed) == 1 else None
-
-
-def _image_attempt(root: Path, view: JobView) -> int | None:
-    """Which attempt made the job's image: the store writes it into the PNG's text chunk."""
-    try:
-        with Image.open(root / view.row["image"]) as image:  # reads the header chunks only
-            return json.loads(image.info["omnigen2_batch"])["attempt"]["n"]
-    except (OSError, KeyError, ValueError, TypeError):
-        return None
-
-
-def _best_attempt(view: JobView, n: int | None) -> dict[str, Any] | None:
-    """The attempt behind the image; without a chunk, the last passing (else last) attempt."""
-    by_n = {a["n"]: a for a in view.attempts}
-    if n in by_n:
-        return by_n[n]
-    passed = [a for a in view.attempts if a["passed"]]
-    return (passed or view.attempts or [None])[-1]
 
 
 def _workers() -> int:

@@ -280,10 +280,9 @@ def record_pairs(store, scorer: ClipScorer) -> "ParityReport":
     for row in store.jobs():
         job = Job.from_dict(row["job"])
         if job.scoring.pair and row["image"]:
-            path = store.run_dir / row["image"]
-            n = _attempt_of_image(path)
-            text = next((a["scores"].get("text") for a in store.attempts(job.id) if a["n"] == n), None)
-            entries.append((job, load_rgb(path), text))
+            text = next((a["scores"].get("text") for a in store.attempts(job.id)
+                         if a["n"] == row["best"]), None)
+            entries.append((job, load_rgb(store.run_dir / row["image"]), text))
     report = scorer.bilingual_parity(_pair_up(entries))
     for p in report.pairs:
         store.save_pair(p.pair, p.en_job, p.zh_job, p.similarity, p.text_gap)
@@ -378,24 +377,14 @@ def _load_result(store, row: dict, job: "Job"):
                                 a["scores"] or {}, bool(a["passed"]), tuple(a["failed_metrics"] or ()),
                                 a["seconds"] or 0.0, image))
     output = store.run_dir / row["image"]
-    best_n = _attempt_of_image(output)
-    best = next((i for i, a in enumerate(attempts) if a.n == best_n), None)
+    best = next((i for i, a in enumerate(attempts) if a.n == row["best"]), None)
     if best is None:
-        raise ValueError(f"{output}: its PNG chunk names attempt {best_n}, which the manifest lacks")
+        raise ValueError(f"{output}: the manifest names attempt {row['best']} as its maker, "
+                         f"but has no such attempt")
     if attempts[best].image is None:
         attempts[best].image = load_rgb(output)
     keep_attempts = any(a["image"] for a in rows)
     return JobResult(job.id, row["status"], attempts, best, row["error"] or ""), keep_attempts
-
-
-def _attempt_of_image(path) -> int:
-    """The attempt number the store wrote into an output's `omnigen2_batch` PNG chunk."""
-    import json
-
-    from PIL import Image
-
-    with Image.open(path) as image:
-        return json.loads(image.info["omnigen2_batch"])["attempt"]["n"]
 
 
 def _reference_images(store, job: "Job", paths: dict) -> dict:

@@ -40,8 +40,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS jobs(
     id TEXT PRIMARY KEY, section TEXT, name TEXT, kind TEXT, lang TEXT, job TEXT, depends_on TEXT,
-    status TEXT, image TEXT, error TEXT, n_attempts INT, seconds REAL, scored INT, finished REAL,
-    ord INT);
+    status TEXT, image TEXT, best INT, error TEXT, n_attempts INT, seconds REAL, scored INT,
+    finished REAL, ord INT);
 CREATE TABLE IF NOT EXISTS attempts(
     job_id TEXT, n INT, seed INT, strategy TEXT, reason TEXT, params TEXT, scores TEXT, passed INT,
     failed_metrics TEXT, seconds REAL, image TEXT, finished REAL, PRIMARY KEY(job_id, n));
@@ -213,14 +213,15 @@ class RunStore:
         """Write a job's images, then record it. Raises StoreFull when the disk is full."""
         files, image_path, attempt_paths = self._result_files(job, result, keep_attempts)
         self._write_files(files)
+        best_n = None if result.best is None else result.attempts[result.best].n  # made the image
         now = time.time()
         attempts = [_attempt_row(job.id, a, attempt_paths.get(a.n), now) for a in result.attempts]
         with self._transaction():
             self._insert_if_missing(job)
             self._conn.execute(
-                "UPDATE jobs SET status=?, image=?, error=?, n_attempts=?, seconds=?, scored=?,"
-                " finished=? WHERE id=?",
-                (result.status, image_path, result.error or None, len(result.attempts),
+                "UPDATE jobs SET status=?, image=?, best=?, error=?, n_attempts=?, seconds=?,"
+                " scored=?, finished=? WHERE id=?",
+                (result.status, image_path, best_n, result.error or None, len(result.attempts),
                  sum(a.seconds for a in result.attempts),
                  int(any(a.scores for a in result.attempts)), now, job.id))
             self._conn.execute("DELETE FROM attempts WHERE job_id=?", (job.id,))

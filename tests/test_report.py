@@ -100,7 +100,7 @@ def test_thumbnails_are_reused_until_the_image_changes(mixed_run: Path) -> None:
         assert rebuilt.convert("RGB").getpixel((32, 32))[1] > 200
 
 
-def test_rejected_job_reports_its_best_attempt_from_the_png(mixed_run: Path) -> None:
+def test_rejected_job_reports_the_attempt_that_made_its_image(mixed_run: Path) -> None:
     item = page_data(mixed_run)["lists"]["rejected"]["items"][0]
     assert [a["st"] for a in item["att"]] == ["initial", "new_seed", "stronger_guidance"]
     assert item["sc"] == {"text": 0.21}  # attempt 1 made the image, not the last attempt
