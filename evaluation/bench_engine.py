@@ -45,31 +45,24 @@ class FixedGenerator:
         return self.by_size[width, height]
 
 
+def _timed(method, total: str):
+    """`method`, adding its wall time to the instance attribute `total`."""
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            setattr(self, total, getattr(self, total) + time.perf_counter() - start)
+    return timed
+
+
 class TimedStore(RunStore):
     """A RunStore that adds up where commit time goes."""
 
     encode = write = committing = 0.0
-
-    def _result_files(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super()._result_files(*args, **kwargs)
-        finally:
-            self.encode += time.perf_counter() - start
-
-    def _write_files(self, files):
-        start = time.perf_counter()
-        try:
-            return super()._write_files(files)
-        finally:
-            self.write += time.perf_counter() - start
-
-    def commit(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return super().commit(*args, **kwargs)
-        finally:
-            self.committing += time.perf_counter() - start
+    _result_files = _timed(RunStore._result_files, "encode")
+    _write_files = _timed(RunStore._write_files, "write")
+    commit = _timed(RunStore.commit, "committing")
 
 
 def write_recipe(folder: Path, jobs: int, size: int) -> Path:
