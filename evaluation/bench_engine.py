@@ -19,12 +19,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from omnigen2_batch.executors.common import Driver
-from omnigen2_batch.executors.local import run_local
+from omnigen2_batch.config import RunConfig
+from omnigen2_batch.executors.base import Stop
+from omnigen2_batch.executors.driver import Driver
+from omnigen2_batch.executors.local import LocalExecutor
 from omnigen2_batch.plan import build_plan
 from omnigen2_batch.recipe import load_recipe
 from omnigen2_batch.store import RunStore
-from omnigen2_batch.worker import Worker, WorkerSettings
+from omnigen2_batch.worker import Worker
 
 
 class FixedGenerator:
@@ -103,8 +105,10 @@ def bench(jobs: int, args: argparse.Namespace, tmp: Path) -> None:
     with TimedStore.open(folder / "run") as store:
         start = time.perf_counter()
         store.add_jobs(plan.jobs)
-        summary = run_local(plan.jobs, store, WorkerSettings(score=False), worker=worker,
-                            batch_size=args.batch_size, progress=False)
+        driver = Driver(plan.jobs, store)
+        config = RunConfig(model="tiny", score=False, batch_size=args.batch_size)
+        LocalExecutor(config, worker=worker).run(driver, Stop())
+        summary = driver.summary()
         ran = time.perf_counter() - start
         assert summary.kept == jobs, summary
         dispatch = ran - store.committing - generating[0]
@@ -122,7 +126,7 @@ def bench(jobs: int, args: argparse.Namespace, tmp: Path) -> None:
         scan = time.perf_counter() - start
     start = time.perf_counter()
     with RunStore.open(folder / "run") as store:
-        run_local(plan.jobs, store, WorkerSettings(score=False), progress=False)
+        LocalExecutor(RunConfig(model="tiny", score=False)).run(Driver(plan.jobs, store), Stop())
     rerun = time.perf_counter() - start
     print(f"{'':>6}       resume scan of the finished run: {scan * 1000:.1f} ms "
           f"(add_jobs + done set + DAG); whole no-op rerun incl. open and temp sweep "

@@ -69,6 +69,7 @@ def folder_scores(pairs: list[tuple[Path, str]], clip: str, pretrained: str | No
 
 
 def run_scores(run_dir: Path) -> dict:
+    from omnigen2_batch.config import RunConfig
     from omnigen2_batch.store import RunStore
 
     scores: dict[str, list[float]] = {}
@@ -77,8 +78,8 @@ def run_scores(run_dir: Path) -> dict:
             for attempt in store.attempts(row["id"]):
                 for metric, value in (attempt["scores"] or {}).items():
                     scores.setdefault(metric, []).append(value)
-        settings = json.loads(store.get_meta("settings") or "{}")
-    return {"scores": scores, "mismatched_text": [], "random_weights": not settings.get("clip_pretrained")}
+        config = RunConfig.from_dict(json.loads(store.get_meta("config") or "{}"))
+    return {"scores": scores, "mismatched_text": [], "random_weights": config.clip.random_weights}
 
 
 def summarise(data: dict, q: float) -> dict:

@@ -1,235 +1,448 @@
-"""The command line: one small function per command, logic lives in the modules.
+"""The command line: one small function per command; the logic lives in the modules.
+
+Every command returns a Reply (what --json prints, what a person reads, the exit code), and
+one handler (BatchCli.main) turns replies and errors into output and exit codes, so every
+command fails the same way: a message naming the file, field and what to do, the exit code
+errors.py defines, and with --json one JSON document on stdout, failures included.
 
 Heavy libraries (torch, diffusers, ray, open_clip) are imported inside the commands that need
 them, so `validate`, `plan` and `status` answer in well under a second.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
 import click
 
+from .errors import (EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER, BatchError,
+                     UnavailableError, UserError)
 
-class InvalidInput(click.ClickException):
-    """Bad input from the person (a recipe, a path, an option): exit 2, no traceback."""
+log = logging.getLogger(__name__)
 
-    exit_code = 2
+ERROR_LINE = re.compile(r"^(?P<file>[^\n]+?):(?P<line>\d+): (?P<field>[^:\n]+): (?P<message>.*)$", re.S)
 
 
-def load_plan(recipe: str, allow_paths=(), strict: bool = False, model: str | None = None):
-    """Load, validate and plan RECIPE, or raise InvalidInput listing every problem."""
-    from .plan import build_plan
-    from .recipe import RecipeError, load_recipe
+@dataclass
+class Reply:
+    """A command's answer: `doc` for --json (ok and exit_code are added), `text` for people."""
 
+    doc: dict[str, Any]
+    text: str = ""
+    code: int = 0
+    notes: list[str] = field(default_factory=list)  # to stderr, after the text
+
+
+class BatchCli(click.Group):
+    """Runs a command and maps its Reply, or any error, to output and an exit code."""
+
+    def main(self, args=None, prog_name=None, **extra):  # noqa: D102 (click's signature)
+        args = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in args
+        _configure_logging(verbose="-v" in args or "--verbose" in args)
+        command = next((a for a in args if not a.startswith("-")), "")
+        with _stdout_kept_for_json(as_json):
+            try:
+                reply = super().main(args, prog_name=prog_name or "omnigen2-batch",
+                                     standalone_mode=False, **extra)
+            except click.ClickException as err:  # a usage error: a bad option or argument
+                reply = _failure(command, EXIT_USER, [err.format_message()])
+            except BatchError as err:
+                reply = _failure(command, err.exit_code, err.errors, str(err))
+            except (KeyboardInterrupt, click.Abort):
+                reply = _failure(command, EXIT_INTERRUPTED,
+                                 ["interrupted; committed work is kept: run again to continue"])
+            except Exception as err:  # a bug: still a message and an exit code, not a stack
+                log.debug("unexpected error", exc_info=True)
+                reply = _failure(command, EXIT_INCOMPLETE, [
+                    f"unexpected {type(err).__name__}: {err} (a bug in omnigen2-batch; run "
+                    "again with --verbose for the traceback, and please report it)"])
+                if "-v" in args or "--verbose" in args:
+                    traceback.print_exc()
+        if not isinstance(reply, Reply):  # --help, --version: click printed it
+            sys.exit(reply or 0)
+        _print(reply, as_json, command)
+        if reply.code == EXIT_TERMINATED:
+            # A batch abandoned on SIGTERM may still be computing in a helper thread: leave
+            # now, without waiting for it (everything finished is committed).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(reply.code)
+        sys.exit(reply.code)
+
+
+def _failure(command: str, code: int, errors: list[str], text: str | None = None) -> Reply:
+    parsed = [_error_record(line) for line in errors]
+    return Reply({"command": command, "errors": parsed}, "", code,
+                 [f"error: {text if text is not None else chr(10).join(errors)}"])
+
+
+def _error_record(line: str) -> dict[str, Any]:
+    """"file:line: field: message" -> its parts (message alone when it has no such form)."""
+    match = ERROR_LINE.match(line)
+    if not match:
+        return {"file": None, "line": None, "field": None, "message": line}
+    return {**match.groupdict(), "line": int(match["line"])}
+
+
+def _print(reply: Reply, as_json: bool, command: str) -> None:
+    if as_json:
+        doc = {"ok": reply.code == 0, "command": command, **reply.doc, "exit_code": reply.code}
+        click.echo(json.dumps(doc, indent=2, ensure_ascii=False, default=str))
+        return
+    if reply.text:
+        click.echo(reply.text)
+    for note in reply.notes:
+        click.echo(note, err=True)
+
+
+@contextmanager
+def _stdout_kept_for_json(as_json: bool) -> Iterator[None]:
+    """With --json, stdout carries the one JSON document: anything else a library prints
+    (Ray, progress, warnings) goes to stderr, at the Python and the file-descriptor level."""
+    if not as_json:
+        yield
+        return
+    real = sys.stdout is sys.__stdout__ and _has_fd(sys.stdout)
+    saved = None
+    if real:
+        sys.stdout.flush()
+        saved = os.dup(1)
+        os.dup2(2, 1)
     try:
-        return build_plan(load_recipe(recipe, allow_paths), model, strict)
-    except RecipeError as err:
-        count = f"{len(err.errors)} problem{'s' if len(err.errors) != 1 else ''}"
-        raise InvalidInput(f"{recipe} is invalid ({count}):\n" +
-                           "\n".join(f"  {line}" for line in err.errors)) from None
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="omnigen2-batch")
-def main() -> None:
-    """Batch image production with OmniGen2: recipes in, scored and kept images out."""
+def _has_fd(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+class _OncePerMessage(logging.Filter):
+    """Each warning once; the engine's own loggers from WARNING, libraries' from ERROR (they
+    repeat what our messages say, e.g. open_clip on random weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name.startswith("omnigen2_batch")
+        if not ours and record.levelno < logging.ERROR:
+            return False
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler.addFilter(_OncePerMessage())
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "omnigen2_batch", False)]:
+        root.removeHandler(old)
+    handler.omnigen2_batch = True  # ours to replace on the next in-process call (tests)
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def load_plan(recipe: str, allow_paths=(), strict: bool = False, model: str | None = None,
+              overrides: tuple[str, ...] = ()):
+    """Load, validate and plan RECIPE; raises RecipeError (a UserError) listing every problem."""
+    from .plan import build_plan
+    from .recipe import load_recipe
+
+    return build_plan(load_recipe(recipe, allow_paths, overrides), model, strict)
 
 
 def recipe_options(command):
-    """--allow-path and --strict, shared by the commands that read a recipe."""
+    """--allow-path, --strict and --set, shared by the commands that read a recipe."""
+    command = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                           help="override a recipe value, e.g. defaults.steps=4 (repeatable)")(command)
     command = click.option("--strict", is_flag=True,
                            help="treat warnings about input images as errors")(command)
     return click.option("--allow-path", "allow_paths", multiple=True, metavar="DIR",
                         help="also allow recipe paths under DIR (repeatable)")(command)
 
 
+def json_option(command):
+    return click.option("--json", "as_json", is_flag=True,
+                        help="answer with one JSON document on stdout (also on failure)")(command)
+
+
+@click.group(cls=BatchCli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="omnigen2-batch")
+@click.option("-v", "--verbose", is_flag=True, help="also print informational messages")
+def main(verbose: bool) -> None:
+    """Batch image production with OmniGen2: recipes in, scored and kept images out."""
+
+
+# ---------------------------------------------------------------------------------- commands
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--deep", is_flag=True, help="also check that the model and the scorer's weights "
+                                           "are on this machine (imports torch)")
+@json_option
 @recipe_options
-def validate(recipe: str, allow_paths: tuple[str, ...], strict: bool) -> None:
-    """Check RECIPE and its input images; exit 0 when valid, 2 listing every problem."""
-    plan = load_plan(recipe, allow_paths, strict)
-    for warning in plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    click.echo(f"{recipe}: valid, {plan.estimate.jobs} jobs, {len(plan.warnings)} warnings")
+def validate(recipe: str, deep: bool, as_json: bool, allow_paths, strict: bool, overrides) -> Reply:
+    """Check RECIPE and its input images; exit 0 when valid, 2 listing every problem
+    (3 with --deep when this machine lacks the model or the scorer's weights)."""
+    plan = load_plan(recipe, allow_paths, strict, overrides=overrides)
+    if deep:
+        from .preflight import preflight
+
+        preflight(plan.config)
+    text = f"{recipe}: valid, {plan.estimate.jobs} jobs, {len(plan.warnings)} warnings"
+    return Reply({"recipe": recipe, "jobs": plan.estimate.jobs, "warnings": plan.warnings,
+                  "deep": deep}, text, notes=[f"warning: {w}" for w in plan.warnings])
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 @click.option("--model", help="model to plan for instead of the recipe's (tiny, hub id, folder)")
+@json_option
 @recipe_options
-def plan(recipe: str, as_json: bool, model: str | None, allow_paths: tuple[str, ...],
-         strict: bool) -> None:
+def plan(recipe: str, model: str | None, as_json: bool, allow_paths, strict: bool, overrides) -> Reply:
     """List the jobs RECIPE makes (in run order) and what they will cost."""
-    import json
-
     from .plan import describe_plan
 
-    planned = load_plan(recipe, allow_paths, strict, model)
-    for warning in planned.warnings:
-        click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        click.echo(json.dumps(planned.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        click.echo(describe_plan(planned))
+    planned = load_plan(recipe, allow_paths, strict, model, overrides)
+    return Reply(planned.to_dict(), describe_plan(planned),
+                 notes=[f"warning: {w}" for w in planned.warnings])
 
 
 @main.command()
-def schema() -> None:
+def schema() -> Reply:
     """Print the recipe JSON Schema (for editors and other tools)."""
-    from .recipe import schema_text
+    from .recipe import json_schema, schema_text
 
-    click.echo(schema_text(), nl=False)
+    return Reply(json_schema(), schema_text().rstrip("\n"))
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), help="run directory (default: runs/<recipe name>)")
 @click.option("--model", help="model instead of the recipe's: tiny, a hub id or a local folder")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="default: cuda when available")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="default: auto (CUDA when there is one)")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="default: the recipe's")
+@click.option("--offload", type=click.Choice(["none", "model", "sequential", "group"]), help="default: the recipe's")
 @click.option("--batch-size", type=click.IntRange(1, 64), help="jobs per micro-batch (default: the recipe's)")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON (no progress bar)")
 @click.option("--no-score", is_flag=True, help="keep every first attempt without CLIP scoring")
 @click.option("--keep-attempts", is_flag=True, help="also keep every attempt's image")
+@click.option("--min-kept", metavar="N|P%", help="exit 1 unless at least N jobs (or P% of them) are kept")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="default: the recipe's")
 @click.option("--ray-address", help="join this Ray cluster (auto or host:port); default: a local Ray")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray actors (default: one per GPU)")
 @click.option("--dashboard", is_flag=True, help="start the local Ray with its dashboard")
+@json_option
 @recipe_options
-def run(recipe: str, out: str | None, model: str | None, device: str | None, batch_size: int | None,
-        as_json: bool, no_score: bool, keep_attempts: bool, executor: str | None,
-        ray_address: str | None, workers: int | None, dashboard: bool, allow_paths: tuple[str, ...],
-        strict: bool) -> None:
+def run(recipe: str, out: str | None, model, device, dtype, offload, batch_size, no_score: bool,
+        keep_attempts: bool, min_kept: str | None, executor, ray_address, workers, dashboard: bool,
+        as_json: bool, allow_paths, strict: bool, overrides) -> Reply:
     """Make every job of RECIPE into --out, continuing where an earlier run stopped.
 
-    Exit 0 when every job is kept, 1 when some were rejected or failed, 2 on invalid input,
-    130 when interrupted (Ctrl-C finishes and commits the batch in flight first).
+    Exit 0 when every job is kept; 1 when some were rejected or failed (or fewer than
+    --min-kept were kept); 2 on invalid input or a run directory in use or not this recipe's;
+    3 when this machine cannot run it (model, scorer weights, device, cluster); 130 on Ctrl-C
+    (the batch in flight is finished first); 143 on SIGTERM (the batch in flight is dropped).
     """
-    import json
-    from pathlib import Path
+    from .config import RayConfig
+    from .preflight import preflight
+    from .progress import Progress
+    from .run import execute
 
-    plan = load_plan(recipe, allow_paths, strict, model)
-    from .executors.common import execute, worker_settings
-    from .store import RunLocked, StoreError
-
-    chosen = plan.settings
-    settings = worker_settings(chosen, device=device, score=not no_score)
-    executor = executor or chosen.executor
-    if executor != "ray" and (ray_address or workers or dashboard):
-        raise InvalidInput("--ray-address, --workers and --dashboard need --executor ray "
-                           "(or executor: ray in the recipe)")
-    ray = {"address": ray_address, "workers": workers, "dashboard": dashboard} if executor == "ray" else {}
-    out = out or str(Path("runs") / chosen.name)
+    plan = load_plan(recipe, allow_paths, strict, model, overrides)
+    config = plan.config.with_(device=device, dtype=dtype, offload=offload, executor=executor,
+                               batch_size=batch_size, keep_attempts=keep_attempts or None,
+                               score=False if no_score else None)
+    if config.executor != "ray" and (ray_address or workers or dashboard):
+        raise UserError("--ray-address, --workers and --dashboard need --executor ray "
+                        "(or executor: ray in the recipe)")
+    if config.executor == "ray":
+        config = config.with_(ray=RayConfig(ray_address, workers, dashboard))
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
-    try:
-        summary = execute(plan, Path(recipe).read_bytes().decode("utf-8"), out, settings,
-                          executor=executor, batch_size=batch_size or chosen.batch_size,
-                          keep_attempts=keep_attempts or chosen.keep_attempts,
-                          progress=not as_json, executor_options=ray)
-    except RunLocked as err:
-        raise InvalidInput(str(err)) from None
-    except StoreError as err:  # e.g. the disk filled up while saving the recipe
-        click.echo(f"error: {err}", err=True)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        click.echo("aborted; committed jobs are kept, `run` again to continue", err=True)
-        raise SystemExit(130) from None
-    if as_json:
-        click.echo(json.dumps({"run_dir": str(Path(out).resolve()), **summary.to_dict()},
-                              indent=2, ensure_ascii=False))
-    else:
-        _echo_summary(summary, out)
-    raise SystemExit(summary.exit_code)
+    preflight(config)
+    out = out or str(Path("runs") / plan.name)
+    summary = execute(plan, config, out, recipe_text=Path(recipe).read_text(encoding="utf-8"),
+                      recipe_origin=Path(recipe).name, progress=Progress(enabled=not as_json),
+                      min_kept=_min_kept(min_kept, len(plan.jobs)))
+    return Reply({"run_dir": str(Path(out).resolve()), **summary.to_dict()},
+                 _summary_text(summary, out), summary.exit_code, _summary_notes(summary))
 
 
-def _echo_summary(summary, out: str) -> None:
-    click.echo(f"{out}: {summary.kept} kept, {summary.rejected} rejected, {summary.failed} failed, "
-               f"{summary.pending} pending of {summary.total} jobs "
-               f"({summary.ran} finished in this run, {summary.seconds:.1f} s)")
-    for failure in summary.failures[:10]:
-        click.echo(f"  failed {failure['section']}/{failure['name']}: {failure['error']}", err=True)
+def _min_kept(value: str | None, total: int) -> int:
+    """--min-kept N or P% -> a number of jobs."""
+    if value is None:
+        return 0
+    match = re.fullmatch(r"(\d+)(%?)", value.strip())
+    if not match or (match[2] and int(match[1]) > 100):
+        raise UserError(f"--min-kept {value!r}: expected a number of jobs (e.g. 40) or a "
+                        "percentage up to 100% (e.g. 90%)")
+    count = int(match[1])
+    return -(-count * total // 100) if match[2] else count
+
+
+def _summary_text(summary, out: str) -> str:
+    lines = [f"{out}: {summary.kept} kept, {summary.rejected} rejected, {summary.failed} failed, "
+             f"{summary.pending} pending of {summary.total} jobs "
+             f"({summary.ran} finished in this run, {summary.seconds:.1f} s)"]
+    if summary.superseded:
+        lines.append(f"  {summary.superseded} jobs no longer in the recipe were set aside "
+                     "under superseded/ (`prune` deletes them)")
+    if summary.redecided:
+        lines.append(f"  {summary.redecided} finished jobs were re-decided with the recipe's "
+                     "current thresholds")
+    return "\n".join(lines)
+
+
+def _summary_notes(summary) -> list[str]:
+    notes = [f"  failed {f['section']}/{f['name']}: {f['error']}" for f in summary.failures[:10]]
     if len(summary.failures) > 10:
-        click.echo(f"  ... and {len(summary.failures) - 10} more failed jobs", err=True)
+        notes.append(f"  ... and {len(summary.failures) - 10} more failed jobs")
+    if summary.min_kept and summary.kept < summary.min_kept:
+        notes.append(f"error: only {summary.kept} jobs kept, fewer than --min-kept {summary.min_kept}")
     if summary.error:
-        click.echo(f"error: {summary.error}", err=True)
+        notes.append(f"error: {summary.error}")
     if summary.interrupted:
-        click.echo("interrupted: `run` the same recipe again to continue", err=True)
+        notes.append(f"stopped by {summary.stopped_by}: `run` the same recipe again to continue")
+    return notes
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="print the counts as JSON")
-def status(run_dir: str, as_json: bool) -> None:
+@json_option
+def status(run_dir: str, as_json: bool) -> Reply:
     """Count RUN_DIR's jobs per state and per section (safe while a run is writing)."""
-    import json
+    from .store import RunStore
 
-    from .store import RunStore, StoreError
+    with RunStore.open(run_dir, readonly=True) as store:
+        counts, meta = store.counts(), store.meta()
+    doc = {"run_dir": run_dir, "recipe_name": meta.get("recipe_name"), "model": meta.get("model"),
+           **counts}
+    return Reply(doc, _status_table(run_dir, counts, meta))
 
-    try:
-        with RunStore.open(run_dir, readonly=True) as store:
-            counts, meta = store.counts(), store.meta()
-    except StoreError as err:
-        raise InvalidInput(str(err)) from None
-    if as_json:
-        click.echo(json.dumps({"run_dir": run_dir, "recipe_name": meta.get("recipe_name"),
-                               "model": meta.get("model"), **counts}, indent=2, ensure_ascii=False))
-        return
+
+def _status_table(run_dir: str, counts: dict, meta: dict) -> str:
     states = list(counts["status"])
-    click.echo(f"{run_dir}: {meta.get('recipe_name', '?')}, model {meta.get('model', '?')}, "
-               f"{counts['total']} jobs")
+    lines = [f"{run_dir}: {meta.get('recipe_name', '?')}, model {meta.get('model', '?')}, "
+             f"{counts['total']} jobs"]
     width = max([len("section"), *map(len, counts["sections"])])
-    click.echo(f"{'section':<{width}} " + " ".join(f"{s:>8}" for s in states))
+    lines.append(f"{'section':<{width}} " + " ".join(f"{s:>8}" for s in states))
     for section, by_state in counts["sections"].items():
-        click.echo(f"{section:<{width}} " + " ".join(f"{by_state[s]:>8}" for s in states))
-    click.echo(f"{'total':<{width}} " + " ".join(f"{counts['status'][s]:>8}" for s in states))
+        lines.append(f"{section:<{width}} " + " ".join(f"{by_state[s]:>8}" for s in states))
+    lines.append(f"{'total':<{width}} " + " ".join(f"{counts['status'][s]:>8}" for s in states))
+    if counts.get("superseded"):
+        lines.append(f"({counts['superseded']} superseded jobs of earlier recipes are not counted)")
+    return "\n".join(lines)
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option("--clip", "clip_model", help="open_clip model (default: the run's, else ViT-B-32)")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--clip", "clip_model", help="open_clip model (default: the run's)")
 @click.option("--pretrained", help="open_clip pretrained tag or local weights file (default: the run's)")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto")
-@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def score(run_dir: str, clip_model: str | None, pretrained: str | None, device: str, as_json: bool) -> None:
+@json_option
+def score(run_dir: str, clip_model: str | None, pretrained: str | None, device: str,
+          as_json: bool) -> Reply:
     """Re-score RUN_DIR's outputs with CLIP and re-decide kept/rejected, without regenerating."""
-    import json
+    from .preflight import clip_problems
+    from .rescore import rescore_run
+    from .scoring import ClipScorer
+    from .worker import resolve_device
 
-    from .scoring import ClipScorer, ScorerError, rescore_run, run_clip_settings
-    from .store import StoreError
+    clip = _run_clip(run_dir, clip_model, pretrained)
+    problems = clip_problems(clip)
+    if problems:
+        raise UnavailableError("\n".join(problems), errors=problems)
+    summary = rescore_run(run_dir, ClipScorer(clip.model, clip.pretrained, resolve_device(device),
+                                              clip.multilingual))
+    return Reply(summary, _score_text(summary),
+                 notes=[f"  skipped {s['job']}: {s['error']}" for s in summary["skipped"]])
 
-    try:
-        settings = run_clip_settings(run_dir, clip_model, pretrained, device)
-        summary = rescore_run(run_dir, ClipScorer(**settings))
-    except (StoreError, ScorerError) as err:
-        raise InvalidInput(str(err)) from None
-    if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
-        return
-    weights = "RANDOM weights, scores are meaningless" if summary["random_weights"] else summary["pretrained"]
-    click.echo(f"re-scored {summary['jobs']} jobs with {summary['clip_model']} ({weights}): "
-               f"{summary['kept']} kept, {summary['rejected']} rejected, {len(summary['changed'])} changed")
-    for change in summary["changed"]:
-        click.echo(f"  {change['name']}: {change['from']} -> {change['to']}")
-    for skipped in summary["skipped"]:
-        click.echo(f"  skipped {skipped['job']}: {skipped['error']}", err=True)
+
+def _run_clip(run_dir: str, model: str | None, pretrained: str | None):
+    """The run's own CLIP, with the given choices over it."""
+    from .config import ClipConfig, RunConfig
+    from .store import RunStore
+
+    with RunStore.open(run_dir, readonly=True) as store:
+        clip = RunConfig.from_dict(json.loads(store.get_meta("config") or "{}")).clip
+    if model:  # another architecture: the run's weights cannot fit it
+        return ClipConfig(model, pretrained, clip.multilingual)
+    return ClipConfig(clip.model, pretrained or clip.pretrained, clip.multilingual)
+
+
+def _score_text(summary: dict) -> str:
+    weights = ("RANDOM weights, scores are meaningless" if summary["random_weights"]
+               else summary["pretrained"])
+    lines = [f"re-scored {summary['jobs']} jobs with {summary['clip_model']} ({weights}): "
+             f"{summary['kept']} kept, {summary['rejected']} rejected, "
+             f"{len(summary['changed'])} changed"]
+    lines += [f"  {c['name']}: {c['from']} -> {c['to']}" for c in summary["changed"]]
     if summary["pairs"]:
-        click.echo(f"bilingual pairs: {len(summary['pairs'])}, mean EN/ZH similarity "
-                   f"{summary['similarity_mean']:.4f}, mean text gap {summary['text_gap_mean'] or 0:.4f}")
+        lines.append(f"bilingual pairs: {len(summary['pairs'])}, mean EN/ZH similarity "
+                     f"{summary['similarity_mean']:.4f}, mean text gap "
+                     f"{summary['text_gap_mean'] or 0:.4f}")
+    return "\n".join(lines)
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--open", "open_browser", is_flag=True, help="open the report in the default browser")
-def report(run_dir: str, open_browser: bool) -> None:
+@json_option
+def report(run_dir: str, open_browser: bool, as_json: bool) -> Reply:
     """Write RUN_DIR/report.html (thumbnails in thumbs/, contact sheets in sheets/)."""
-    import webbrowser
+    from .report import write_report
 
-    from .report import ReportError, write_report
-
-    try:
-        page = write_report(run_dir)
-    except ReportError as err:
-        raise InvalidInput(str(err)) from None
-    click.echo(str(page))
+    page = write_report(run_dir)
     if open_browser:
+        import webbrowser
+
         webbrowser.open(page.as_uri())
+    return Reply({"report": str(page)}, str(page))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("dest", type=click.Path())
+@click.option("--picked", is_flag=True, help="only the images marked with `omnigen2-batch pick`")
+@click.option("--force", is_flag=True, help="write into a non-empty DEST folder, replacing only "
+                                            "the files this export writes")
+@json_option
+def export(run_dir: str, dest: str, picked: bool, force: bool, as_json: bool) -> Reply:
+    """Copy RUN_DIR's kept images to DEST (a folder, or a file ending in .zip) under flat unique
+    names, with manifest.jsonl and manifest.csv describing each one.
+
+    Exit 0 when every kept image was exported, 1 when some could not be (each is listed) or the
+    disk filled up, 2 on bad input (not a run dir, DEST inside it, DEST not empty).
+    """
+    from .export import export_run
+
+    result = export_run(run_dir, dest, picked=picked, force=force)
+    text = f"{result.dest}: exported {len(result.records)} of {result.kept} kept images"
+    notes = [f"  not exported {p['section']}/{p['name']}: {p['error']}" for p in result.problems]
+    return Reply(result.to_dict(), text, result.exit_code, notes)

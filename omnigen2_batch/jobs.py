@@ -192,3 +192,9 @@ class GenRequest:
         return (self.width, self.height, self.steps, self.text_guidance, self.image_guidance,
                 tuple(self.cfg_range), self.scheduler, self.max_input_side,
                 tuple(im.size for im in self.images))
+
+
+def pair_side(job: Job) -> str:
+    """Which side of a bilingual pair a job is: "en" for the English prompt, "zh" otherwise
+    (the one rule scoring, parity and the report share)."""
+    return "en" if job.lang == "en" else "zh"

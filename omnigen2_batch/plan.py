@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .config import ClipConfig, RunConfig
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .jobs import ImageRef, Job, Scoring, job_id
 from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RANDOM_WEIGHTS,
@@ -41,24 +42,6 @@ COST_BASIS = ("rough H200 bf16 seconds from the official pipeline's timings; ign
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Run-level settings: how to run the jobs, not what they make."""
-
-    name: str
-    model: str
-    executor: str
-    batch_size: int
-    keep_attempts: bool
-    score: bool
-    clip_model: str
-    clip_pretrained: str | None  # None: seeded random weights
-    multilingual: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class Estimate:
     jobs: int
     images: int  # one attempt per candidate, every job passing at once
@@ -75,8 +58,9 @@ class Estimate:
 
 @dataclass
 class Plan:
+    name: str  # the recipe's name: the run directory's default name and its owner
     jobs: list[Job]  # topological order: a job comes after every job it depends on
-    settings: Settings
+    config: RunConfig  # how the recipe asks to be run (the command line may change it)
     estimate: Estimate
     recipe_sha256: str = ""
     origins: dict[str, str] = field(default_factory=dict)  # job id -> "recipe.yaml:9: prompts[0]"
@@ -85,7 +69,7 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         jobs = [{"id": job.id, "depends_on": list(job.depends_on),
                  "origin": self.origins.get(job.id), **job.to_dict()} for job in self.jobs]
-        return {"recipe_sha256": self.recipe_sha256, "settings": self.settings.to_dict(),
+        return {"name": self.name, "recipe_sha256": self.recipe_sha256, "config": self.config.to_dict(),
                 "estimate": self.estimate.to_dict(), "warnings": self.warnings, "jobs": jobs}
 
 
@@ -105,7 +89,7 @@ def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool =
     if errors:
         raise RecipeError(list(dict.fromkeys(errors)))
     origins = {job.id: recipe.where(at) for job, at in builder.jobs}
-    return Plan(jobs, run_settings(recipe, builder.model), estimate(jobs),
+    return Plan(recipe.name, jobs, run_config(recipe, builder.model), estimate(jobs),
                 recipe.source.sha256, origins, warnings)
 
 
@@ -119,13 +103,16 @@ def resolve_model(spec: str) -> str:
     return str(path)
 
 
-def run_settings(recipe: Recipe, model: str) -> Settings:
+def run_config(recipe: Recipe, model: str) -> RunConfig:
+    """The RunConfig a recipe asks for; unset scoring keys take the built-in defaults."""
     given = recipe.defaults.scoring
     scoring = {key: default if getattr(given, key, None) is None else getattr(given, key)
                for key, default in BUILTIN_SCORING.items()}
     pretrained = None if scoring["pretrained"] == RANDOM_WEIGHTS else scoring["pretrained"]
-    return Settings(recipe.name, model, recipe.executor, recipe.batch_size, recipe.keep_attempts,
-                    scoring["enabled"], scoring["model"], pretrained, scoring["multilingual"])
+    return RunConfig(model=model, dtype=recipe.dtype, offload=recipe.offload,
+                     score=scoring["enabled"], executor=recipe.executor,
+                     batch_size=recipe.batch_size, keep_attempts=recipe.keep_attempts,
+                     clip=ClipConfig(scoring["model"], pretrained, scoring["multilingual"]))
 
 
 # ---- expanding sections into jobs -------------------------------------------------------------
@@ -365,7 +352,7 @@ def describe_plan(plan: Plan) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
              for row in rows]
     cost = plan.estimate
-    lines += ["", f"model {plan.settings.model}, executor {plan.settings.executor}",
+    lines += ["", f"model {plan.config.model}, executor {plan.config.executor}",
               f"{cost.jobs} jobs, {cost.images} images (worst case {cost.images_worst}), "
               f"{cost.forwards} transformer forwards (worst {cost.forwards_worst})",
               f"~{cost.gpu_seconds:g} GPU-seconds (worst {cost.gpu_seconds_worst:g}): "

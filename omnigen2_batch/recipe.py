@@ -72,10 +72,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from .reflection import LADDER_STEPS
-from .scoring import METRICS
+from .config import DTYPES, OFFLOADS
+from .rules import LADDER_STEPS, METRICS
 from .typed_yaml import (INVALID, Context, DocumentError, Loc, Pattern, Range, Source,
-                         convert_dataclass, dataclass_schema, did_you_mean, field_name, json_kind,
+                         apply_overrides, convert_dataclass, dataclass_schema, did_you_mean, field_name, json_kind,
                          opt, parse_yaml, req, show)
 
 DEFAULT_MODEL = "OmniGen2/OmniGen2"
@@ -420,6 +420,12 @@ class Recipe:
     model: Text = opt("hub id, tiny, or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
     executor: Literal["local", "ray"] = opt("where jobs run", default="local")
     batch_size: Annotated[int, Range(1, 64)] = opt("images per pipeline call", default=4)
+    dtype: Literal[DTYPES] = opt("weights' precision; auto: float32 on a CPU, bfloat16 on a GPU",
+                                 default="auto")
+    offload: Literal[OFFLOADS] = opt(
+        "keep models in CPU memory and move them to the GPU as they run: model (whole models), "
+        "sequential (layer by layer, least memory, slowest) or group (groups of layers)",
+        default="none")
     keep_attempts: bool = opt("keep every attempt's image too", default=False)
     defaults: Defaults = opt("settings for every job", factory=Defaults)
     prompts: list[PromptGroup] = opt("text-to-image groups", factory=list)
@@ -486,8 +492,9 @@ def check_model(model: str | None, ctx: Context) -> str | None:
 
 # ---- loading ------------------------------------------------------------------------------
 
-def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
-    """Read, parse and validate a recipe; raises RecipeError listing every problem."""
+def load_recipe(path: str | os.PathLike, allow_paths=(), overrides=()) -> Recipe:
+    """Read, parse and validate a recipe; raises RecipeError listing every problem.
+    `overrides`: "dotted.key=value" strings (the CLI's --set), applied before validation."""
     label = str(path)
     path = Path(path).resolve()
     try:
@@ -503,6 +510,8 @@ def load_recipe(path: str | os.PathLike, allow_paths=()) -> Recipe:
     roots = (path.parent,) + tuple(Path(p).expanduser().resolve() for p in allow_paths)
     source = Source(path, label, hashlib.sha256(raw).hexdigest(), {}, roots)
     data = parse_yaml(text, source, RecipeError)
+    if overrides and isinstance(data, dict):
+        apply_overrides(data, overrides, source, RecipeError)
     ctx = Context(source, RecipeError)
     if not isinstance(data, dict):
         ctx.error((), f"expected a mapping with at least a name, got {json_kind(data)}")

@@ -10,9 +10,7 @@ Rules (the manifest records each decision):
 - Otherwise the ladder steps run in order, one attempt per round, cycling until the budget
   (`job.max_attempts` generations, candidates included) is spent; then the job is *rejected* and
   keeps its best attempt for review.
-- Best attempt = highest mean normalised score over the job's threshold metrics (all scored
-  metrics when it has no thresholds; a missing metric counts 0; cosines map [-1,1] -> [0,1],
-  clipscore [0,100] -> [0,1]); ties go to the earlier attempt.
+- Which attempt is best, and whether the job is kept, follow rules.py.
 - `ask_mllm` runs only when the generator's MLLM answers a critique; otherwise it is recorded as a
   skipped attempt (no image, not counted against the budget) and dropped from the job's ladder.
 - Unscored runs (no scorer): one attempt, kept, with params["scored"] False and empty scores.
@@ -24,13 +22,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Mapping
 
 from .jobs import Attempt, GenRequest, Job, JobResult
-from .scoring import judge, normalised
+from .rules import LADDER_STEPS, best_of, decide, judge
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-DEFAULT_LADDER = ("new_seed", "stronger_guidance", "refine", "ask_mllm")
-LADDER_STEPS = DEFAULT_LADDER  # every step name a recipe's `ladder` may use
 GUIDANCE_FACTOR = 1.5
 TEXT_GUIDANCE_CAP = 8.0  # ceilings for the x1.5 raises (OmniGen2 defaults: 5.0 text, 2.0 image);
 IMAGE_GUIDANCE_CAP = 3.0  # a job set above a ceiling keeps its own value
@@ -51,27 +47,6 @@ def attempt_seed(job_seed: int, n: int) -> int:
         return job_seed
     digest = hashlib.sha256(f"{job_seed}/{n}".encode()).digest()
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
-
-
-def rank(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> float:
-    """Mean normalised score over the threshold metrics (see the module docstring)."""
-    metrics = list(thresholds) or list(scores)
-    if not metrics:
-        return 0.0
-    return sum(normalised(m, scores[m]) if m in scores else 0.0 for m in metrics) / len(metrics)
-
-
-def decide(attempts: list[Attempt], thresholds: Mapping[str, float]) -> tuple[str, int]:
-    """(status, best index) over the attempts that have an image: "kept" with the best passing
-    attempt if any passes, else "rejected" with the best attempt overall."""
-    made = [i for i, a in enumerate(attempts) if a.image is not None]
-    passing = [i for i in made if attempts[i].passed]
-    return ("kept" if passing else "rejected"), best_of(attempts, passing or made, thresholds)
-
-
-def best_of(attempts: list[Attempt], indices: list[int], thresholds: Mapping[str, float]) -> int:
-    """The highest-ranked of the given attempts; the earlier one on a tie."""
-    return max(indices, key=lambda i: (rank(attempts[i].scores, thresholds), -i))
 
 
 def describe_failure(attempt: Attempt, thresholds: Mapping[str, float]) -> str:
@@ -106,7 +81,7 @@ class JobLadder:
     error: str = ""
 
     def __post_init__(self) -> None:
-        self.steps = list(self.job.ladder or DEFAULT_LADDER)
+        self.steps = list(self.job.ladder or LADDER_STEPS)
         unknown = [s for s in self.steps if s not in LADDER_STEPS]
         if unknown:
             raise ValueError(f"job {self._label()}: unknown ladder step(s) {unknown}; "
@@ -118,6 +93,18 @@ class JobLadder:
             self._image(self.job.scoring.source)
         self._cursor = 0  # position in the (cycling) ladder
         self._round: list[int] = []  # attempt indices of the latest round
+        if self.attempts:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Climb on from recorded attempts (a finished job that the recipe's current thresholds
+        fail): skip the steps already taken; the best attempt with an image is "the latest"."""
+        for attempt in self.attempts:
+            if attempt.params.get("skipped") and attempt.strategy in self.steps:
+                self.steps.remove(attempt.strategy)
+            elif attempt.strategy in LADDER_STEPS:
+                self._cursor += 1
+        self._round = [self._best_of(self._with_image())]
 
     @property
     def done(self) -> bool:
@@ -137,8 +124,13 @@ class JobLadder:
                 f"job {self._label()}: image {ref.key} ({where}) was not given to the worker")
         return self.images[ref.key]
 
-    def _generated(self) -> list[int]:
+    def _with_image(self) -> list[int]:
+        """Attempts whose image is at hand (a resumed job has only its best one's)."""
         return [i for i, a in enumerate(self.attempts) if a.image is not None]
+
+    def _generated(self) -> list[int]:
+        """Attempts that made an image (skipped ones did not), whether at hand or not."""
+        return [i for i, a in enumerate(self.attempts) if not a.params.get("skipped")]
 
     def _best_of(self, indices: list[int]) -> int:
         return best_of(self.attempts, indices, self.thresholds)
@@ -148,10 +140,10 @@ class JobLadder:
         """The requests of this job's next round; [] (and the job done) when nothing is left."""
         if not self.attempts:
             return self._first_round()
-        while self.steps:
+        while self.steps and not self._budget_spent():
             strategy = self.steps[self._cursor % len(self.steps)]
             if strategy == "ask_mllm":
-                answer = critique(self.attempts[self._best_of(self._generated())].image, self.job.prompt)
+                answer = critique(self.attempts[self._best_of(self._with_image())].image, self.job.prompt)
                 if not answer or not answer.strip():
                     self._skip(strategy, "the MLLM gave no critique (a tiny random MLLM, "
                                          "or it saw nothing to fix)")
@@ -225,7 +217,7 @@ class JobLadder:
         return self._edit_best("refine", "; ".join(parts), refs)
 
     def _edit_best(self, strategy: str, instruction: str, extra_images: list = ()) -> Planned:
-        best = self._best_of(self._generated())
+        best = self._best_of(self._with_image())
         return self._edit(strategy, instruction, [self.attempts[best].image, *extra_images], {"base": best})
 
     def _edit(self, strategy: str, instruction: str, images: list, extra: dict) -> Planned:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
+from .errors import UserError
 from .images import ImageError, load_rgb
 from .jobs import ImageRef, Job
 from .store import TEMP_PREFIX, RunStore, StoreError, is_tiny
@@ -40,7 +41,7 @@ TINY_BANNER = ("Made by the tiny random-weight model: images are noise. They sho
                "pipeline ran, not what OmniGen2 can do.")
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """The report cannot be written; the message says why and what to do."""
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
+
+from .errors import UnavailableError
 
 if TYPE_CHECKING:  # torch and PIL stay out of CLI start-up
     from PIL.Image import Image
@@ -24,27 +24,12 @@ if TYPE_CHECKING:  # torch and PIL stay out of CLI start-up
 
 log = logging.getLogger(__name__)
 
-METRICS = ("text", "clipscore", "consistency_mean", "consistency_min", "preservation", "direction")
 CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"  # tiny-clip.json, for tests/quickstart
 CACHE_LIMIT = 4096  # cached reference/text embeddings; oldest dropped first
 
 
-class ScorerError(RuntimeError):
+class ScorerError(UnavailableError):
     """The CLIP model or its weights cannot be loaded; the message says what to do."""
-
-
-def judge(scores: Mapping[str, float], thresholds: Mapping[str, float]) -> tuple[bool, tuple[str, ...]]:
-    """(passed, failed metric names). A thresholded metric that was not scored counts as failed."""
-    unknown = sorted(set(thresholds) - set(METRICS))
-    if unknown:
-        raise ValueError(f"unknown metric(s) {unknown} in scoring thresholds; known: {list(METRICS)}")
-    failed = tuple(m for m, t in thresholds.items() if not scores.get(m, -math.inf) >= t)
-    return not failed, failed
-
-
-def normalised(metric: str, value: float) -> float:
-    """A metric mapped onto [0, 1] so different metrics can be averaged (cosines span [-1, 1])."""
-    return value / 100.0 if metric == "clipscore" else (value + 1.0) / 2.0
 
 
 def alignment_text(job: "Job", multilingual: bool) -> str:
@@ -56,7 +41,7 @@ def alignment_text(job: "Job", multilingual: bool) -> str:
 _configs_registered = False
 
 
-def _register_configs() -> None:
+def register_configs() -> None:
     """Make the package's configs (tiny-clip) known to open_clip, once per process."""
     global _configs_registered
     if not _configs_registered:
@@ -92,7 +77,7 @@ class ClipScorer:
         import open_clip
         import torch
 
-        _register_configs()
+        register_configs()
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.multilingual, self.batch_size = multilingual, batch_size
         schema, _ = open_clip.factory.parse_model_name(model)
@@ -102,7 +87,8 @@ class ClipScorer:
             try:
                 self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                     model, pretrained=pretrained or None, device=device)
-            except (RuntimeError, FileNotFoundError, ValueError) as err:
+            except Exception as err:  # a missing file, a wrong shape, a file that is not weights
+                log.debug("loading CLIP %s (%s) failed", model, pretrained, exc_info=True)
                 raise ScorerError(
                     f"cannot load CLIP model {model!r} with weights {pretrained!r}: {err}. Name an "
                     "open_clip model (open_clip.list_models()) and, for weights, a local weights file "
@@ -160,7 +146,7 @@ class ClipScorer:
         if not items:
             return []
         outputs = self.embed_images([im for _, im in items])
-        refs = {ref.key: images[ref.key] for job, _ in items for ref in _scoring_refs(job)}
+        refs = {ref.key: images[ref.key] for job, _ in items for ref in scoring_refs(job)}
         ref_vecs = dict(zip(refs, self._image_vectors(list(refs.values()))))
         texts = self._text_vectors(list(dict.fromkeys(t for job, _ in items for t in self._texts(job))))
         return [self._metrics(job, out, ref_vecs, texts) for (job, _), out in zip(items, outputs)]
@@ -185,18 +171,13 @@ class ClipScorer:
                 scores["direction"] = _cosine(out - src, texts[s.target_caption] - texts[s.source_caption])
         return scores
 
-    # -- bilingual parity ---------------------------------------------------------------------
-    def bilingual_parity(self, pairs: Sequence["ParityInput"]) -> "ParityReport":
-        """EN vs ZH kept-image similarity and text-alignment gap (en text - zh text) per pair."""
-        vecs = self._image_vectors([im for p in pairs for im in (p.en_image, p.zh_image)])
-        rows = []
-        for i, p in enumerate(pairs):
-            gap = None if p.en_text is None or p.zh_text is None else p.en_text - p.zh_text
-            rows.append(PairParity(p.pair, p.en_job, p.zh_job, float(vecs[2 * i] @ vecs[2 * i + 1]), gap))
-        return ParityReport(rows)
+    def similarities(self, pairs: Sequence[tuple["Image", "Image"]]) -> list[float]:
+        """CLIP image-image cosine of each pair, embedded in one batch (bilingual parity)."""
+        vecs = self._image_vectors([im for pair in pairs for im in pair])
+        return [float(vecs[2 * i] @ vecs[2 * i + 1]) for i in range(len(pairs))]
 
 
-def _scoring_refs(job: "Job"):
+def scoring_refs(job: "Job"):
     return job.scoring.references + ((job.scoring.source,) if job.scoring.source else ())
 
 
@@ -210,211 +191,3 @@ def _cosine(a, b) -> float:
     import torch.nn.functional as F
 
     return float(F.cosine_similarity(a, b, dim=0, eps=1e-8))
-
-
-@dataclass(frozen=True)
-class ParityInput:
-    """One bilingual pair's kept outputs: images and their `text` scores (None if unscored)."""
-
-    pair: str
-    en_job: str
-    zh_job: str
-    en_image: "Image"
-    zh_image: "Image"
-    en_text: float | None
-    zh_text: float | None
-
-
-@dataclass(frozen=True)
-class PairParity:
-    """A row of the manifest's `pairs` table (store.save_pair takes these fields)."""
-
-    pair: str
-    en_job: str
-    zh_job: str
-    similarity: float
-    text_gap: float | None
-
-
-@dataclass(frozen=True)
-class ParityReport:
-    pairs: list[PairParity]
-
-    @property
-    def similarity_sum(self) -> float:
-        return sum(p.similarity for p in self.pairs)
-
-    @property
-    def similarity_mean(self) -> float | None:
-        return self.similarity_sum / len(self.pairs) if self.pairs else None
-
-    @property
-    def text_gap_sum(self) -> float:
-        return sum(p.text_gap for p in self.pairs if p.text_gap is not None)
-
-    @property
-    def text_gap_mean(self) -> float | None:
-        gaps = [p.text_gap for p in self.pairs if p.text_gap is not None]
-        return sum(gaps) / len(gaps) if gaps else None
-
-
-def parity_inputs(jobs: Sequence["Job"], results: Sequence) -> list[ParityInput]:
-    """Bilingual pairs among finished jobs, from in-memory JobResults."""
-    by_id = {r.job_id: r for r in results}
-    entries = []
-    for job in jobs:
-        result = by_id.get(job.id)
-        if result is not None and result.image is not None:
-            entries.append((job, result.image, result.attempts[result.best].scores.get("text")))
-    return _pair_up(entries)
-
-
-def record_pairs(store, scorer: ClipScorer) -> "ParityReport":
-    """Compute the bilingual parity of a run's finished pairs from its files (kept or rejected
-    images, and the `text` score of the attempt each image came from) and save the pairs rows.
-    The executor calls this once after a run; `score` after re-scoring."""
-    from .images import load_rgb
-    from .jobs import Job
-
-    entries = []
-    for row in store.jobs():
-        job = Job.from_dict(row["job"])
-        if job.scoring.pair and row["image"]:
-            text = next((a["scores"].get("text") for a in store.attempts(job.id)
-                         if a["n"] == row["best"]), None)
-            entries.append((job, load_rgb(store.run_dir / row["image"]), text))
-    report = scorer.bilingual_parity(_pair_up(entries))
-    for p in report.pairs:
-        store.save_pair(p.pair, p.en_job, p.zh_job, p.similarity, p.text_gap)
-    return report
-
-
-def _pair_up(entries) -> list[ParityInput]:
-    """(job, image, text score) entries -> pairs matched by scoring.pair; the job with lang "en"
-    is the EN side. Pairs with a side missing are left out."""
-    sides: dict[str, dict[str, tuple]] = {}
-    for job, image, text in entries:
-        if job.scoring.pair:
-            lang = "en" if job.lang == "en" else "zh"
-            sides.setdefault(job.scoring.pair, {})[lang] = (job.id, image, text)
-    return [ParityInput(pair, s["en"][0], s["zh"][0], s["en"][1], s["zh"][1], s["en"][2], s["zh"][2])
-            for pair, s in sides.items() if len(s) == 2]
-
-
-# -- re-scoring a finished run (the `score` command) ---------------------------------------------
-def rescore_run(run_dir, scorer: ClipScorer, chunk_size: int = 64) -> dict:
-    """Re-score a run's kept and rejected images (and attempt images kept on disk) with `scorer`,
-    re-decide kept/rejected with the same rule as the ladder, and rewrite the results through
-    RunStore.commit, which moves images between kept/ and rejected/ and rewrites PNG chunks.
-
-    Attempts whose image is not on disk keep the scores of the run that made them and take no
-    part in the decision; re-scored attempts carry params["rescored_with"].
-    """
-    from .store import FINAL, RunStore
-
-    summary = {"jobs": 0, "changed": [], "skipped": [], "clip_model": scorer.model_name,
-               "pretrained": scorer.pretrained, "random_weights": scorer.random_weights}
-    with RunStore.open(run_dir) as store:
-        rows = store.jobs()
-        paths = {row["id"]: row["image"] for row in rows if row["image"]}
-        todo = [row for row in rows if row["status"] in FINAL and row["image"]]
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start:start + chunk_size]
-            for row, job, result in _rescore_chunk(store, chunk, paths, scorer, summary):
-                paths[job.id] = store.image_path(job, result.status)  # dependants find moved anchors
-                if result.status != row["status"]:
-                    summary["changed"].append({"job": job.id, "name": f"{job.section}/{job.name}",
-                                               "from": row["status"], "to": result.status})
-        report = record_pairs(store, scorer)
-        counts = store.counts()["status"]
-        store.set_meta("rescored", {"clip_model": scorer.model_name, "pretrained": scorer.pretrained})
-    summary.update(kept=counts["kept"], rejected=counts["rejected"], pairs=[vars(p) for p in report.pairs],
-                   similarity_mean=report.similarity_mean, text_gap_mean=report.text_gap_mean)
-    return summary
-
-
-def _rescore_chunk(store, rows: list[dict], paths: dict, scorer: ClipScorer, summary: dict):
-    """Load, score (in one batch) and commit a chunk of jobs; yields (row, job, new result)."""
-    from .jobs import Job
-    from .reflection import decide
-
-    loaded = []
-    for row in rows:
-        job = Job.from_dict(row["job"])
-        try:
-            loaded.append((row, job, _load_result(store, row, job), _reference_images(store, job, paths)))
-        except (OSError, ValueError, KeyError) as err:
-            summary["skipped"].append({"job": job.id, "error": f"{type(err).__name__}: {err}"})
-    items = [(job, a) for _, job, (result, _), _ in loaded for a in result.attempts if a.image is not None]
-    refs = {key: im for *_, images in loaded for key, im in images.items()}
-    scores = scorer.score([(job, a.image) for job, a in items], refs)
-    for (job, attempt), new in zip(items, scores):
-        _rejudge(attempt, new, job.scoring.thresholds, scorer)
-    for row, job, (result, keep_attempts), _ in loaded:
-        result.status, result.best = decide(result.attempts, job.scoring.thresholds)
-        store.commit(job, result, keep_attempts=keep_attempts)
-        summary["jobs"] += 1
-        yield row, job, result
-
-
-def _rejudge(attempt, scores: dict, thresholds: dict, scorer: ClipScorer) -> None:
-    attempt.scores = scores
-    attempt.passed, attempt.failed_metrics = judge(scores, thresholds)
-    attempt.params = {**attempt.params, "scored": True,
-                      "rescored_with": f"{scorer.model_name}:{scorer.pretrained or 'random'}"}
-
-
-def _load_result(store, row: dict, job: "Job"):
-    """(JobResult as recorded, with the images on disk, whether attempt images are kept)."""
-    from .images import load_rgb
-    from .jobs import Attempt, JobResult
-
-    rows, attempts = store.attempts(job.id), []
-    for a in rows:
-        on_disk = a["image"] and (store.run_dir / a["image"]).is_file()
-        image = load_rgb(store.run_dir / a["image"]) if on_disk else None
-        attempts.append(Attempt(a["n"], a["seed"], a["strategy"], a["reason"], a["params"] or {},
-                                a["scores"] or {}, bool(a["passed"]), tuple(a["failed_metrics"] or ()),
-                                a["seconds"] or 0.0, image))
-    output = store.run_dir / row["image"]
-    best = next((i for i, a in enumerate(attempts) if a.n == row["best"]), None)
-    if best is None:
-        raise ValueError(f"{output}: the manifest names attempt {row['best']} as its maker, "
-                         f"but has no such attempt")
-    if attempts[best].image is None:
-        attempts[best].image = load_rgb(output)
-    keep_attempts = any(a["image"] for a in rows)
-    return JobResult(job.id, row["status"], attempts, best, row["error"] or ""), keep_attempts
-
-
-def _reference_images(store, job: "Job", paths: dict) -> dict:
-    """The scoring references and edit source of a job: files by path, anchors from the run."""
-    from .images import load_rgb
-
-    images = {}
-    for ref in _scoring_refs(job):
-        if ref.job_id:
-            if ref.job_id not in paths:
-                raise ValueError(f"reference job {ref.job_id} has no image in this run")
-            images[ref.key] = load_rgb(store.run_dir / paths[ref.job_id])
-        else:
-            images[ref.key] = load_rgb(ref.path)
-    return images
-
-
-def run_clip_settings(run_dir, model: str | None, pretrained: str | None, device: str = "auto") -> dict:
-    """ClipScorer arguments for re-scoring a run: explicit choices win, then the run's own
-    settings (WorkerSettings names in the `settings` meta), then ViT-B-32 with random weights."""
-    import json
-
-    from .store import RunStore
-
-    with RunStore.open(run_dir, readonly=True) as store:
-        settings = json.loads(store.get_meta("settings") or "{}")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return {"model": model or settings.get("clip_model") or "ViT-B-32",
-            "pretrained": pretrained if model or pretrained else settings.get("clip_pretrained"),
-            "multilingual": bool(settings.get("multilingual", False)), "device": device}

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 from PIL import Image, PngImagePlugin
 
 from . import __version__
+from .errors import EXIT_UNAVAILABLE, UserError
 from .jobs import STATUSES, Attempt, Job, JobResult
 
 MANIFEST = "manifest.sqlite"
@@ -50,7 +51,7 @@ CREATE TABLE IF NOT EXISTS pairs(
 """
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """The run directory cannot be used; the message says why and what to do."""
 
 
@@ -60,6 +61,8 @@ class RunLocked(StoreError):
 
 class StoreFull(StoreError):
     """The disk filled up while writing; nothing partial was left behind."""
+
+    exit_code = EXIT_UNAVAILABLE  # when it ends a command; within a run it ends the run (exit 1)
 
 
 class RunStore:
@@ -189,6 +192,16 @@ class RunStore:
             sections.setdefault(section, dict.fromkeys(STATUSES, 0))[state] = n
         return {"total": sum(status.values()), "status": status, "sections": sections}
 
+    def state_digest(self) -> str:
+        """A fingerprint of every job's outcome and of the pairs: equal digests mean a report
+        made from one state still shows the other."""
+        digest = hashlib.sha256()
+        for query in ("SELECT id, status, image, best, error, finished FROM jobs ORDER BY id",
+                      "SELECT * FROM pairs ORDER BY pair"):
+            for row in self._conn.execute(query):
+                digest.update(repr(row).encode())
+        return digest.hexdigest()
+
     def kept_image(self, job_id: str) -> Image.Image | None:
         """The kept image of a job as RGB, or None when the job has no kept image (yet)."""
         row = self._conn.execute("SELECT status, image FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -203,6 +216,13 @@ class RunStore:
         with self._transaction():
             self._conn.execute("INSERT OR REPLACE INTO pairs VALUES(?,?,?,?,?)",
                                (pair, en_job, zh_job, similarity, text_gap))
+
+    def replace_pairs(self, rows: list[tuple]) -> None:
+        """The pairs table becomes exactly `rows` (pair, en_job, zh_job, similarity, text_gap):
+        rows of pairs whose jobs changed or left the recipe never linger."""
+        with self._transaction():
+            self._conn.execute("DELETE FROM pairs")
+            self._conn.executemany("INSERT INTO pairs VALUES(?,?,?,?,?)", rows)
 
     def pairs(self) -> list[dict[str, Any]]:
         cursor = self._conn.execute("SELECT * FROM pairs ORDER BY pair")

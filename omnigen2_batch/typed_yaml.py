@@ -23,15 +23,16 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import yaml
 
+from .errors import UserError
+
 MAX_YAML_NODES = 100_000  # after alias expansion: refuses "billion laughs" documents
 
 
-class DocumentError(Exception):
+class DocumentError(UserError):
     """An invalid document; `errors` holds every "file:line: field: message"."""
 
     def __init__(self, errors: list[str]):
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
+        super().__init__("\n".join(errors), errors=list(errors))
 
 
 # ---- where a value came from --------------------------------------------------------------
@@ -56,6 +57,7 @@ class Source:
     sha256: str
     lines: dict[Loc, int]
     roots: tuple[Path, ...]  # folders that paths in the file may point into
+    overrides: dict[Loc, str] = field(default_factory=dict)  # field -> the --set that gave it
 
     def line(self, at: Loc) -> int:
         for end in range(len(at), -1, -1):
@@ -64,6 +66,9 @@ class Source:
         return 1
 
     def where(self, at: Loc) -> str:
+        for end in range(len(at), 0, -1):
+            if at[:end] in self.overrides:
+                return f"{self.label}: --set {self.overrides[at[:end]]}: {field_name(at)}"
         return f"{self.label}:{self.line(at)}: {field_name(at)}"
 
 
@@ -281,6 +286,48 @@ def parse_yaml(text: str, source: Source,
         raise raises([f"{source.label}: YAML error: {err}"]) from err
     finally:
         loader.dispose()
+
+
+def apply_overrides(data: Any, assignments, source: Source,
+                    raises: type[DocumentError] = DocumentError) -> Any:
+    """Set dotted KEY=VALUE assignments (values read as YAML: 4 is a number, [64, 64] a list)
+    in parsed data, so they are typed and validated like the document itself; errors about
+    them name the --set that gave them."""
+    problems = []
+    for text in assignments:
+        key, equals, raw = text.partition("=")
+        path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+        try:
+            if not equals or not all(str(p).strip() for p in path):
+                raise ValueError("expected KEY=VALUE with a dotted recipe key, e.g. defaults.steps=4")
+            value = yaml.safe_load(raw) if raw.strip() else ""
+            _assign(data, path, value)
+        except (ValueError, yaml.YAMLError) as err:
+            problems.append(f"{source.label}: --set {text}: {err}")
+            continue
+        source.overrides[path] = text
+    if problems:
+        raise raises(problems)
+    return data
+
+
+def _assign(data: Any, path: Loc, value: Any) -> None:
+    node = data
+    for depth, part in enumerate(path):
+        last = depth == len(path) - 1
+        if isinstance(node, dict) and not isinstance(part, int):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            if last:
+                node[part] = value
+            else:
+                node = node[part]
+        else:
+            where = field_name(path[:depth]) if depth else "the recipe"
+            raise ValueError(f"{where} has no place for {part!r} ({json_kind(node)})")
 
 
 def record_lines(node, at: Loc, lines: dict, problems: list, seen=None) -> None:

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .jobs import Job, JobResult
+from .errors import UnavailableError
+from .jobs import Attempt, Job, JobResult
 from .reflection import JobLadder, Planned
 
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from .config import RunConfig
     from .scoring import ClipScorer
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,16 @@ class Worker:
     def __init__(self, generator, scorer: "ClipScorer | None" = None):
         self.generator, self.scorer = generator, scorer
 
-    def run(self, jobs: Sequence[Job], images: Mapping[str, "Image"]) -> list[JobResult]:
-        """One JobResult per job, in order. `images` maps every ImageRef key the jobs need."""
+    def run(self, jobs: Sequence[Job], images: Mapping[str, "Image"],
+            earlier: Mapping[str, list[Attempt]] | None = None) -> list[JobResult]:
+        """One JobResult per job, in order. `images` maps every ImageRef key the jobs need;
+        `earlier` gives the recorded attempts of jobs that climb on from where they stopped."""
+        earlier = earlier or {}
         slots: list[JobLadder | JobResult] = []
         for job in jobs:
             try:
-                slots.append(JobLadder(job, images, scored=self.scorer is not None))
+                slots.append(JobLadder(job, images, scored=self.scorer is not None,
+                                       attempts=list(earlier.get(job.id, ()))))
             except ValueError as err:  # a missing image or an unknown ladder step: this job only
                 slots.append(JobResult(job.id, "failed", error=str(err)))
         ladders = [slot for slot in slots if isinstance(slot, JobLadder)]
@@ -53,7 +58,7 @@ class Worker:
             try:
                 planned += [(ladder, p) for p in ladder.next_round(self.generator.critique)]
             except Exception as err:  # a broken MLLM critique fails that job only
-                log.exception("job %s: planning its next attempt failed", ladder.job.id)
+                log.debug("job %s: planning its next attempt failed", ladder.job.id, exc_info=True)
                 ladder.fail(f"{type(err).__name__}: {err}")
         outputs = self._generate(planned)
         made = [(ladder, p, im) for (ladder, p), im in zip(planned, outputs) if ladder.status == "pending"]
@@ -72,7 +77,8 @@ class Worker:
         try:
             return self._call_generator([p.request for _, p in planned])
         except Exception:
-            log.warning("a batch of %d requests failed; retrying job by job", len(planned), exc_info=True)
+            log.debug("a batch of %d requests failed", len(planned), exc_info=True)
+            log.warning("a batch of %d requests failed; retrying job by job", len(planned))
         images: list = []
         for ladder in dict.fromkeys(ladder for ladder, _ in planned):
             own = [p.request for lad, p in planned if lad is ladder]
@@ -95,32 +101,31 @@ class Worker:
         return self.scorer.score(items, images)
 
 
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Everything a worker process needs to build its pipeline and scorer (picklable, for Ray)."""
+def resolve_device(device: str) -> str:
+    """"auto" -> CUDA when there is one, else the CPU; an explicit device must exist."""
+    import torch
 
-    model: str = "tiny"  # load_pipeline spec: "tiny" | local folder | hub id
-    device: str = "cpu"
-    dtype: str | None = None  # "bfloat16", "float32", ...; None = float32 on CPU, bfloat16 elsewhere
-    offload: bool = False
-    clip_model: str = "ViT-B-32"
-    clip_pretrained: str | None = None  # None = random CLIP weights (scores meaningless)
-    multilingual: bool = False
-    score: bool = True
-    batch_size: int | None = None  # most images per pipeline call; None = no cap
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UnavailableError(f"--device {device}: this machine has no usable CUDA device "
+                               "(torch sees none); use --device cpu or auto")
+    return device
 
 
-def build_worker(settings: WorkerSettings) -> Worker:
+def build_worker(config: "RunConfig") -> Worker:
     """Load the pipeline and the scorer once; the Worker then serves many `run` calls."""
     from .generate import PipelineGenerator
     from .model import load_pipeline
 
-    pipeline = load_pipeline(settings.model, device=settings.device, dtype=settings.dtype,
-                             offload=settings.offload)
+    device = resolve_device(config.device)
+    dtype = None if config.dtype == "auto" else config.dtype
+    pipeline = load_pipeline(config.model, device=device, dtype=dtype,
+                             offload=config.offload != "none")
     scorer = None
-    if settings.score:
+    if config.score:
         from .scoring import ClipScorer
 
-        scorer = ClipScorer(settings.clip_model, settings.clip_pretrained, device=settings.device,
-                            multilingual=settings.multilingual)
-    return Worker(PipelineGenerator(pipeline, max_batch_size=settings.batch_size), scorer)
+        scorer = ClipScorer(config.clip.model, config.clip.pretrained, device=device,
+                            multilingual=config.clip.multilingual)
+    return Worker(PipelineGenerator(pipeline), scorer)

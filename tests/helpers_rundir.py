@@ -55,7 +55,7 @@ def open_run(root: Path, recipe_name: str, model: str = "tiny") -> RunStore:
     store = RunStore.open(root)
     store.set_meta("recipe_name", recipe_name)
     store.set_meta("model", model)
-    store.set_meta("settings", json.dumps({"model": model, "keep_attempts": True}))
+    store.set_meta("config", json.dumps({"model": model, "keep_attempts": True}))
     return store
 
 

@@ -57,7 +57,7 @@ def test_plan_json_lists_jobs_in_run_order_with_estimate():
     for position, job in enumerate(plan["jobs"]):
         assert all(ids.index(dep) < position for dep in job["depends_on"])
     assert plan["estimate"]["jobs"] == len(ids)
-    assert plan["settings"]["model"] == "tiny"
+    assert plan["config"]["model"] == "tiny"
     assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
 
 

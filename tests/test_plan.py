@@ -140,13 +140,13 @@ def test_nearest_level_wins_and_thresholds_merge(tmp_path):
     assert (job.steps, job.text_guidance) == (5, 4.0)
     assert job.image_guidance == 1.0  # t2i has no input to guide by; ids stay honest
     assert job.scoring.thresholds == {"text": 0.3, "clipscore": 20.0}
-    assert plan.settings.clip_model == "ViT-B-32" and plan.settings.model == "OmniGen2/OmniGen2"
+    assert plan.config.clip.model == "ViT-B-32" and plan.config.model == "OmniGen2/OmniGen2"
 
 
 def test_model_override_enters_the_job_ids(tmp_path):
     tiny = plan_of(tmp_path, RECIPE)
     real = build_plan(load_recipe(tmp_path / "recipe.yaml"), model_override="OmniGen2/OmniGen2")
-    assert real.settings.model == "OmniGen2/OmniGen2"
+    assert real.config.model == "OmniGen2/OmniGen2"
     assert {job.model for job in real.jobs} == {"OmniGen2/OmniGen2"}
     assert not {job.id for job in tiny.jobs} & {job.id for job in real.jobs}
 

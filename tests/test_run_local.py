@@ -16,13 +16,15 @@ from click.testing import CliRunner
 from PIL import Image
 
 from omnigen2_batch.cli import main
-from omnigen2_batch.executors.common import Driver, MicroBatch, failed_result, run_isolated, worker_settings
-from omnigen2_batch.executors.local import run_local
+from omnigen2_batch.config import RunConfig
+
+from omnigen2_batch.executors.local import LocalExecutor
+from omnigen2_batch.executors.driver import Driver, MicroBatch, failed_result, run_isolated
 from omnigen2_batch.jobs import Attempt, ImageRef, Job, JobResult
 from omnigen2_batch.plan import build_plan
 from omnigen2_batch.recipe import load_recipe
 from omnigen2_batch.store import TEMP_PREFIX, RunStore
-from omnigen2_batch.worker import WorkerSettings
+from omnigen2_batch.run import run_jobs
 
 TINY_RECIPE = """\
 name: tiny-test
@@ -84,7 +86,15 @@ def worker(tmp_path_factory):
     from omnigen2_batch.worker import build_worker
 
     plan = plan_of(write_tiny_recipe(tmp_path_factory.mktemp("settings")))
-    return build_worker(worker_settings(plan.settings, device="cpu"))
+    return build_worker(plan.config.with_(device="cpu"))
+
+
+UNSCORED_TINY = RunConfig(model="tiny", device="cpu", score=False)
+
+
+def local(worker, batch_size: int = 4) -> LocalExecutor:
+    """The local executor with a ready worker (the module's, built once)."""
+    return LocalExecutor(UNSCORED_TINY.with_(batch_size=batch_size), worker)
 
 
 def by_name(store: RunStore) -> dict[str, dict]:
@@ -99,7 +109,7 @@ def test_outcomes_then_reruns_retry_only_failed_jobs(tmp_path, worker):
     run_dir = tmp_path / "run"
     with RunStore.open(run_dir) as store:
         store.add_jobs(plan.jobs)
-        summary = run_local(plan.jobs, store, None, worker=worker, batch_size=2, progress=False)
+        summary = run_jobs(plan.jobs, store, UNSCORED_TINY, executor=local(worker, 2))
         rows = by_name(store)
     assert (summary.total, summary.kept, summary.rejected, summary.failed, summary.pending) == (6, 3, 1, 2, 0)
     assert summary.exit_code == 1 and summary.ran == 6
@@ -120,13 +130,13 @@ def test_outcomes_then_reruns_retry_only_failed_jobs(tmp_path, worker):
     before = image_files(run_dir)
     with RunStore.open(run_dir) as store:
         # Failed jobs run again: the edit fails again, and so does the shot of the rejected anchor.
-        again = run_local(plan.jobs, store, None, worker=worker, progress=False)
+        again = run_jobs(plan.jobs, store, UNSCORED_TINY, executor=local(worker))
     assert (again.ran, again.failed, again.kept) == (2, 2, 3)
     assert image_files(run_dir) == before
 
     write_tiny_recipe(tmp_path / "in")  # the edit input is readable again, same pixels
     with RunStore.open(run_dir) as store:
-        healed = run_local(plan.jobs, store, None, worker=worker, progress=False)
+        healed = run_jobs(plan.jobs, store, UNSCORED_TINY, executor=local(worker))
         edit = by_name(store)["street-make-it-night"]
     assert (healed.ran, healed.failed, healed.kept) == (2, 1, 4) and edit["status"] == "kept"
     assert set(image_files(run_dir)) - set(before) == {edit["image"]}
@@ -157,21 +167,20 @@ def test_a_finished_run_again_changes_nothing_and_loads_no_model(tmp_path):
     plan = plan_of(recipe)
     with RunStore.open(run_dir) as store:
         # A model that cannot load: the rerun would fail if it tried to build a worker.
-        summary = run_local(plan.jobs, store, WorkerSettings(model="/no/such/model"), progress=False)
+        summary = run_jobs(plan.jobs, store, RunConfig(model="/no/such/model"))
     assert summary.ran == 0 and summary.kept == 2 and summary.exit_code == 0
 
 
-def test_a_model_that_cannot_load_ends_the_run_with_the_reason(tmp_path):
+def test_a_model_that_cannot_load_is_found_before_the_run_starts(tmp_path):
     recipe = write_tiny_recipe(tmp_path / "in", PROMPTS_ONLY)
     not_a_model = tmp_path / "empty-folder"
     not_a_model.mkdir()
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"),
                                        "--model", str(not_a_model)])
-    assert result.exit_code == 1
-    assert "the worker failed to start" in result.output and str(not_a_model) in result.output
+    assert result.exit_code == 3
+    assert str(not_a_model) in result.output
     assert "Traceback" not in result.output
-    with RunStore.open(tmp_path / "run", readonly=True) as store:
-        assert set(store.statuses().values()) == {"pending"}
+    assert not (tmp_path / "run").exists()  # found before any work: nothing was written
 
 
 @pytest.mark.slow
@@ -185,7 +194,7 @@ def test_full_disk_stops_the_run_and_leaves_jobs_pending(tmp_path, worker, monke
             raise OSError(errno.ENOSPC, "No space left on device")
 
         monkeypatch.setattr(os, "write", disk_full)
-        summary = run_local(plan.jobs, store, None, worker=worker, batch_size=1, progress=False)
+        summary = run_jobs(plan.jobs, store, UNSCORED_TINY, executor=local(worker, 1))
         monkeypatch.undo()
         assert "no space left" in summary.error and summary.exit_code == 1
         assert summary.pending == 2 and store.counts()["status"]["pending"] == 2
@@ -260,7 +269,7 @@ def test_anchor_images_flow_to_dependants_and_failures_cascade(tmp_path):
 def test_run_isolated_blames_only_the_job_that_raises(tmp_path):
     jobs = [small_job("good"), small_job("bad"), small_job("fine")]
 
-    def run(batch_jobs, images):
+    def run(batch_jobs, images, earlier):
         if any(job.name == "bad" for job in batch_jobs):
             raise MemoryError("out of memory")
         return [kept_result(job) for job in batch_jobs]
@@ -292,7 +301,8 @@ def test_status_reads_the_manifest_without_importing_torch(tmp_path):
         store.add_jobs([small_job("a"), small_job("b")])
         store.commit(small_job("a"), kept_result(small_job("a")))
     script = ("import sys; from omnigen2_batch.cli import main\n"
-              f"main(['status', {str(tmp_path / 'run')!r}], standalone_mode=False)\n"
+              f"try: main(['status', {str(tmp_path / 'run')!r}])\n"
+              "except SystemExit as done: assert done.code == 0, done.code\n"
               "assert 'torch' not in sys.modules, 'status imported torch'")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})

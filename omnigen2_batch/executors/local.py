@@ -1,43 +1,58 @@
-"""The in-process executor: one worker (pipeline + scorer) on one device, micro-batches in turn."""
+"""The in-process executor: one worker (pipeline + scorer) on one device, micro-batches in turn.
+
+Each batch runs in a helper thread while this (the main) thread waits, so that a SIGTERM can
+end the run at once: everything finished is already committed, and the abandoned batch is
+simply redone on resume.
+"""
 from __future__ import annotations
 
 import threading
 from typing import Any
 
-from ..jobs import Job
-from ..store import RunStore, StoreError
-from .common import Driver, RunSummary, run_isolated
+from ..config import RunConfig
+from .base import Executor, Stop
+from .driver import Driver, MicroBatch, run_isolated
+
+POLL = 0.1  # seconds between looks at the stop request while a batch runs
 
 
-def run_local(plan_jobs: list[Job], store: RunStore, settings: Any, *, batch_size: int = 4,
-              keep_attempts: bool = False, progress: bool = True,
-              stop: threading.Event | None = None, worker: Any = None) -> RunSummary:
-    """Run every unfinished job of the plan and commit each micro-batch as it lands.
+class LocalExecutor(Executor):
+    def __init__(self, config: RunConfig, worker: Any = None):
+        """`worker`: a ready-built Worker to use instead of loading one (benchmarks)."""
+        super().__init__(config)
+        self.worker = worker
 
-    `settings` is a worker.WorkerSettings; `worker` a ready-built Worker to use instead (the
-    engine benchmark passes one whose generator is instant). `stop` (set by a signal handler)
-    ends the run after the batch in flight is committed. A store error (a full disk) ends it
-    too, with the reason in the summary; everything committed before stays valid.
-    """
-    stop = stop or threading.Event()
-    driver = Driver(plan_jobs, store, keep_attempts=keep_attempts, progress=progress)
-    if not driver.ready:
-        return driver.summary()  # nothing to do: do not pay for loading the model
-    if worker is None:
-        from ..model import ModelLoadError
-        from ..scoring import ScorerError
-        from ..worker import build_worker
+    def run(self, driver: Driver, stop: threading.Event) -> None:
+        if not driver.ready:
+            return  # nothing to do: do not pay for loading the model
+        if self.worker is None:
+            from ..worker import build_worker
 
-        try:
-            worker = build_worker(settings)
-        except (ModelLoadError, ScorerError) as exc:  # nothing ran: every job stays pending
-            return driver.summary(error=f"the worker failed to start: {exc}")
-    try:
+            self.worker = build_worker(self.config)
         while not stop.is_set():
-            batch = driver.next_batch(batch_size)
+            batch = driver.next_batch(self.config.batch_size)
             if batch is None:
-                break
-            driver.complete(batch, run_isolated(worker.run, batch))
-    except StoreError as exc:
-        return driver.summary(error=str(exc))
-    return driver.summary(interrupted=stop.is_set() and driver.unfinished > 0)
+                return
+            results = self._run(batch, stop)
+            if results is None:
+                return  # abandoned on SIGTERM; not committed, so it runs again on resume
+            driver.complete(batch, results)
+
+    def _run(self, batch: MicroBatch, stop: threading.Event) -> list | None:
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["results"] = run_isolated(self.worker.run, batch)
+            except BaseException as exc:  # handed to the main thread, which raises it
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, daemon=True, name="batch")
+        thread.start()
+        while thread.is_alive():
+            thread.join(POLL)
+            if isinstance(stop, Stop) and stop.abandon:
+                return None
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["results"]

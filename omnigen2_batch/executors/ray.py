@@ -1,6 +1,6 @@
 """The Ray executor: one actor per GPU (or CPU slot), each holding its worker for the whole run.
 
-The driver (this process) owns the common.Driver: it picks ready micro-batches, keeps at most
+The driver (this process) owns the Driver: it picks ready micro-batches, keeps at most
 `in_flight` of them queued per actor, commits what comes back and releases dependants, so it is
 the single writer of the store. Actors only run `Worker.run`.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -25,9 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
-from ..jobs import Job, JobResult
-from ..store import RunStore, StoreError
-from .common import Driver, MicroBatch, RunSummary, failed_result, needed_refs, run_isolated
+from ..config import RunConfig
+from ..errors import UnavailableError
+from ..jobs import JobResult
+from .base import Executor, Stop
+from .driver import Driver, MicroBatch, failed_result, needed_refs, run_isolated
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +41,9 @@ WAIT_TICK = 0.5  # longest the driver sleeps in ray.wait before looking at probe
 
 @dataclass
 class RayOptions:
-    address: str | None = None  # None: start a local Ray on 127.0.0.1; "auto" or host:port: join
-    workers: int | None = None  # actors; None = one per GPU of the cluster, else 1
+    """Tuning beyond RunConfig.ray (tests and benchmarks set these)."""
+
     actor_resources: dict[str, float] | None = None  # per actor; None = {"GPU": 1} or {"CPU": 1}
-    dashboard: bool = False  # only for a local Ray
     in_flight: int = 2  # micro-batches queued per actor (one running, one ready to go)
     max_deaths: int = 3  # worker deaths a job may cause before it is failed
     max_restarts: int = 2  # Ray's restarts per actor before the driver replaces it
@@ -49,33 +51,31 @@ class RayOptions:
     worker_factory: Callable[[Any], Any] | None = None  # settings -> Worker; build_worker if None
 
 
-class NoWorkers(RuntimeError):
+class NoWorkers(UnavailableError):
     """No actor can run: none could be placed, or their construction failed."""
 
 
 class WorkerActor:
     """Lives in a Ray worker process: builds the worker once, then runs micro-batches."""
 
-    def __init__(self, settings: Any, worker_factory: Callable[[Any], Any] | None = None):
+    def __init__(self, config: RunConfig, worker_factory: Callable[[Any], Any] | None = None):
         if worker_factory is None:
             from ..worker import build_worker as worker_factory
-        self.worker = worker_factory(_settings_for_this_actor(settings))
+        self.worker = worker_factory(_config_for_this_actor(config))
 
     def ready(self) -> str:
         return f"{socket.gethostname()}:{os.getpid()}"
 
-    def run(self, jobs: list[Job], images: dict[str, Any]) -> list[JobResult]:
-        return run_isolated(self.worker.run, MicroBatch(jobs, images))
+    def run(self, batch: MicroBatch) -> list[JobResult]:
+        return run_isolated(self.worker.run, batch)
 
 
-def _settings_for_this_actor(settings: Any) -> Any:
+def _config_for_this_actor(config: RunConfig) -> RunConfig:
     """The device follows what Ray gave the actor, not what the driver's machine has: its GPU
     (Ray sets CUDA_VISIBLE_DEVICES, so "cuda" is that GPU), else the CPU."""
     import ray
 
-    if ray.get_gpu_ids():
-        return replace(settings, device="cuda")
-    return replace(settings, device="cpu") if settings.device.startswith("cuda") else settings
+    return replace(config, device="cuda" if ray.get_gpu_ids() else "cpu")
 
 
 @dataclass
@@ -100,12 +100,12 @@ class _Slot:
 class RayPool:
     """Actors that each hold a worker, fed micro-batches by a Driver."""
 
-    def __init__(self, settings: Any, options: RayOptions):
+    def __init__(self, config: RunConfig, options: RayOptions):
         import ray
 
-        self.settings, self.options = settings, options
+        self.config, self.options = config, options
         resources = options.actor_resources or _default_resources(ray.cluster_resources())
-        count = options.workers or int(ray.cluster_resources().get("GPU", 0)) or 1
+        count = config.ray.workers or int(ray.cluster_resources().get("GPU", 0)) or 1
         self.actor_class = ray.remote(WorkerActor).options(
             num_cpus=resources.get("CPU", 0), num_gpus=resources.get("GPU", 0),
             resources={k: v for k, v in resources.items() if k not in ("CPU", "GPU")} or None,
@@ -126,9 +126,11 @@ class RayPool:
     # ------------------------------------------------------------------ the run loop
     def run(self, driver: Driver, batch_size: int, stop: threading.Event) -> None:
         """Feed the actors until every job is finished, or until `stop` (then the calls in
-        flight still land and commit)."""
-        driver.note = self.throughput  # per-worker rates beside the progress bar's ETA
+        flight still land and commit, unless the stop abandons them: SIGTERM)."""
+        driver.progress.note = self.throughput  # per-worker rates beside the ETA
         while driver.unfinished and not (stop.is_set() and not self._calls()):
+            if isinstance(stop, Stop) and stop.abandon:
+                return  # results of calls in flight are never read: redone on resume
             if not stop.is_set():
                 self._fill(driver, batch_size)
             self._step(driver)
@@ -161,7 +163,7 @@ class RayPool:
                 self._send(slot, batch)
 
     def _send(self, slot: _Slot, batch: MicroBatch, isolating: bool = False) -> None:
-        slot.queue.append((slot.handle.run.remote(batch.jobs, batch.images), batch))
+        slot.queue.append((slot.handle.run.remote(batch), batch))
         slot.isolating = isolating
 
     def _step(self, driver: Driver | None) -> None:
@@ -224,7 +226,8 @@ class RayPool:
     def _blame(self, batch: MicroBatch, driver: Driver) -> None:
         for job in batch.jobs:
             self.deaths[job.id] += 1
-        alone = [MicroBatch([job], {ref.key: batch.images[ref.key] for ref in needed_refs(job)})
+        alone = [MicroBatch([job], {ref.key: batch.images[ref.key] for ref in needed_refs(job)},
+                            {job.id: batch.earlier[job.id]} if job.id in batch.earlier else {})
                  for job in batch.jobs]
         for single in alone:
             job = single.jobs[0]
@@ -267,7 +270,7 @@ class RayPool:
         self.slots[self.slots.index(slot)] = self._start(slot.index)
 
     def _start(self, index: int) -> _Slot:
-        slot = _Slot(self.actor_class.remote(self.settings, self.options.worker_factory), index)
+        slot = _Slot(self.actor_class.remote(self.config, self.options.worker_factory), index)
         slot.probe = slot.handle.ready.remote()
         return slot
 
@@ -340,35 +343,43 @@ def ray_session(address: str | None, num_cpus: int, dashboard: bool) -> Iterator
     if ray.is_initialized():
         yield
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                 object_store_memory=LOCAL_OBJECT_STORE, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
+    ours = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    # Worker output stays in Ray's logs: on our stdout it would corrupt --json.
+    common = dict(logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                     object_store_memory=LOCAL_OBJECT_STORE, _node_ip_address="127.0.0.1",
+                     **common)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise UnavailableError(f"cannot start or join {where}: {exc}; check --ray-address "
+                               "(a running head's address, or auto)") from None
+    if threading.current_thread() is threading.main_thread():
+        for signum, handler in ours.items():  # ray.init installs its own: put the run's back
+            signal.signal(signum, handler)
     try:
         yield
     finally:
         ray.shutdown()
 
 
-def run_ray(plan_jobs: list[Job], store: RunStore, settings: Any, *, batch_size: int = 4,
-            keep_attempts: bool = False, progress: bool = True,
-            stop: threading.Event | None = None,
-            options: RayOptions | None = None) -> RunSummary:
-    """run_local's contract, with the micro-batches spread over a pool of Ray actors."""
-    options = options or RayOptions()
-    stop = stop or threading.Event()
-    driver = Driver(plan_jobs, store, keep_attempts=keep_attempts, progress=progress)
-    if not driver.ready:
-        return driver.summary()  # nothing to do: do not start Ray
-    cpus = options.workers or 1
-    with ray_session(options.address, cpus, options.dashboard):
-        pool = RayPool(settings, options)
-        try:
-            pool.run(driver, batch_size, stop)
-        except (StoreError, NoWorkers) as exc:
-            return driver.summary(error=str(exc))
-        finally:
-            pool.close()
-    return driver.summary(interrupted=stop.is_set() and driver.unfinished > 0)
+class RayExecutor(Executor):
+    """Micro-batches spread over a pool of Ray actors (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, options: RayOptions | None = None):
+        super().__init__(config)
+        self.options = options or RayOptions()
+
+    def run(self, driver: Driver, stop: threading.Event) -> None:
+        if not driver.ready:
+            return  # nothing to do: do not start Ray
+        ray_config = self.config.ray
+        with ray_session(ray_config.address, ray_config.workers or 1, ray_config.dashboard):
+            pool = RayPool(self.config, self.options)
+            try:
+                pool.run(driver, self.config.batch_size, stop)
+            finally:
+                pool.close()

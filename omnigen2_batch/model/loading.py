@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UnavailableError
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "vae", "scheduler", "mllm", "processor")
@@ -25,7 +27,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UnavailableError):
     """A model could not be loaded; the message names the folder/file and what to do."""
 
 

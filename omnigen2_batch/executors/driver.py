@@ -1,44 +1,41 @@
-"""What every executor shares: which jobs are ready, how they are grouped into micro-batches,
-which images they need, and how results land in the store.
+"""The Driver: the single writer of a run. It knows which jobs are ready, groups them into
+micro-batches, loads the images they need, commits what comes back and releases dependants.
 
-An executor only decides *where* a micro-batch runs. The local one calls the worker in-process;
-the Ray one ships the same MicroBatch to an actor. Both loop the same way:
+An executor only decides *where* a micro-batch runs (executors/base.py):
 
-    driver = Driver(plan_jobs, store, ...)
     while (batch := driver.next_batch(size)) is not None:   # or: keep N batches in flight
         driver.complete(batch, run_isolated(worker.run, batch))
-    return driver.summary()
 
-The driver is the single writer of the store, so it must live in the process that opened it.
+The driver must live in the process that opened the store.
 """
 from __future__ import annotations
 
 import heapq
 import logging
-import signal
-import sys
-import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from ..jobs import GenRequest, ImageRef, Job, JobResult
+from ..errors import EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED
+from ..jobs import Attempt, GenRequest, ImageRef, Job, JobResult
+from ..progress import Progress
 from ..store import FINAL, RunStore
 
 log = logging.getLogger(__name__)
 
 IMAGE_CACHE_SIZE = 32  # decoded input images kept between batches (edit campaigns reuse a few)
+STOP_EXIT_CODES = {"": EXIT_OK, "SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
 
 
 @dataclass
 class MicroBatch:
-    """Jobs that can share pipeline calls, and every image they need, keyed by ImageRef.key."""
+    """Jobs that can share pipeline calls, every image they need (keyed by ImageRef.key), and
+    the earlier attempts of jobs that resume their ladder (job id -> attempts)."""
 
     jobs: list[Job]
     images: dict[str, Any]  # ImageRef.key -> PIL.Image (RGB)
+    earlier: dict[str, list[Attempt]] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,19 +48,27 @@ class RunSummary:
     failed: int = 0
     pending: int = 0  # not finished (interrupted, or stopped by an error)
     ran: int = 0  # jobs finished by this run (the rest were done before)
+    redecided: int = 0  # finished jobs whose decision changed with the recipe's thresholds
+    superseded: int = 0  # jobs of earlier recipes set aside by this run
     seconds: float = 0.0
-    interrupted: bool = False  # stopped by Ctrl-C / SIGTERM before the plan was done
+    stopped_by: str = ""  # "SIGINT" or "SIGTERM" when a signal stopped the run early
     error: str = ""  # why the run stopped early, e.g. a full disk
+    min_kept: int = 0  # fewer kept jobs than this makes the run incomplete
     failures: list[dict[str, str]] = field(default_factory=list)  # failed jobs: id, name, error
 
     @property
+    def interrupted(self) -> bool:
+        return bool(self.stopped_by)
+
+    @property
     def exit_code(self) -> int:
-        if self.interrupted:
-            return 130
-        return 0 if self.kept == self.total and not self.error else 1
+        if self.stopped_by:
+            return STOP_EXIT_CODES[self.stopped_by]
+        complete = self.kept == self.total and self.kept >= self.min_kept and not self.error
+        return EXIT_OK if complete else EXIT_INCOMPLETE
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "exit_code": self.exit_code}
+        return {**asdict(self), "interrupted": self.interrupted, "exit_code": self.exit_code}
 
 
 def shape_key(job: Job, images: dict[str, Any]) -> tuple:
@@ -90,11 +95,10 @@ def failed_result(job: Job, exc: BaseException | str) -> JobResult:
     return JobResult(job.id, "failed", error=error)
 
 
-def run_isolated(run: Callable[[list[Job], dict[str, Any]], list[JobResult]],
-                 batch: MicroBatch) -> list[JobResult]:
+def run_isolated(run: Callable[..., list[JobResult]], batch: MicroBatch) -> list[JobResult]:
     """Run a micro-batch; if it raises, rerun its jobs one at a time so only the culprit fails."""
     try:
-        return run(batch.jobs, batch.images)
+        return run(batch.jobs, batch.images, batch.earlier)
     except Exception as exc:
         log.debug("micro-batch of %d failed", len(batch.jobs), exc_info=True)
         if len(batch.jobs) == 1:
@@ -102,7 +106,7 @@ def run_isolated(run: Callable[[list[Job], dict[str, Any]], list[JobResult]],
     results = []
     for job in batch.jobs:
         try:
-            results += run([job], batch.images)
+            results += run([job], batch.images, batch.earlier)
         except Exception as exc:
             log.debug("job %s failed", job.id, exc_info=True)
             results.append(failed_result(job, exc))
@@ -110,16 +114,23 @@ def run_isolated(run: Callable[[list[Job], dict[str, Any]], list[JobResult]],
 
 
 class Driver:
-    """DAG bookkeeping, micro-batching, image resolution, commits and progress for one run."""
+    """DAG bookkeeping, micro-batching, image resolution, commits and progress for one run.
+
+    `earlier`: job id -> attempts of a finished job that the current thresholds fail and whose
+    ladder has budget left; such a job runs again and climbs on from where it stopped.
+    """
 
     def __init__(self, plan_jobs: list[Job], store: RunStore, *, keep_attempts: bool = False,
-                 progress: bool = False):
+                 progress: Progress | None = None,
+                 earlier: dict[str, list[Attempt]] | None = None):
         self.store = store
         self.keep_attempts = keep_attempts
         self.jobs = {job.id: job for job in plan_jobs}
         self.order = {job_id: n for n, job_id in enumerate(self.jobs)}
+        self.earlier = earlier or {}
         stored = store.statuses()
-        self.status = {i: stored[i] if stored.get(i) in FINAL else "pending" for i in self.jobs}
+        self.status = {i: stored[i] if stored.get(i) in FINAL and i not in self.earlier
+                       else "pending" for i in self.jobs}
         self.kept_outside = {i for i, s in stored.items() if s == "kept" and i not in self.jobs}
         self.dependants: dict[str, list[str]] = {}
         for job in self.jobs.values():
@@ -129,11 +140,10 @@ class Driver:
         self.ran = 0
         self.started = time.monotonic()
         self._errors: dict[str, str] = {}  # job id -> why it failed, for dependants' messages
-        self._tally: dict[str, int] = {}  # this run's outcomes, for the progress bar
-        self.note: Callable[[], str] | None = None  # extra progress text (Ray: per-worker rates)
         self._images: OrderedDict[str, Any] = OrderedDict()
         self._unfinished = sum(1 for state in self.status.values() if state == "pending")
-        self._bar = _progress_bar(len(self.jobs), len(self.jobs) - self._unfinished, progress)
+        self.progress = progress or Progress(enabled=False)
+        self.progress.start(plan_jobs, self.status)
         self._release_initial()
 
     # ------------------------------------------------------------------ the executor's view
@@ -169,15 +179,15 @@ class Driver:
             counts[state] += 1
         return counts
 
-    def summary(self, *, interrupted: bool = False, error: str = "") -> RunSummary:
-        self._bar.close()
-        counts = self.counts()
+    def summary(self, *, stopped_by: str = "", error: str = "") -> RunSummary:
+        self.progress.close()
         failures = [{"id": i, "section": self.jobs[i].section, "name": self.jobs[i].name,
                      "error": self._errors.get(i, "")}
                     for i, s in self.status.items() if s == "failed"]
         return RunSummary(total=len(self.jobs), ran=self.ran,
                           seconds=round(time.monotonic() - self.started, 3),
-                          interrupted=interrupted, error=error, failures=failures, **counts)
+                          stopped_by=stopped_by if self._unfinished else "", error=error,
+                          failures=failures, **self.counts())
 
     # ------------------------------------------------------------------ internals
     def _release_initial(self) -> None:
@@ -234,7 +244,8 @@ class Driver:
                 continue
             jobs.append(job)
             images.update(own)
-        return MicroBatch(jobs, images)
+        earlier = {job.id: self.earlier[job.id] for job in jobs if job.id in self.earlier}
+        return MicroBatch(jobs, images, earlier)
 
     def _image(self, ref: ImageRef):
         if ref.key in self._images:
@@ -259,10 +270,7 @@ class Driver:
         if result.error:
             self._errors[job.id] = result.error
         self.ran += 1
-        self._tally[result.status] = self._tally.get(result.status, 0) + 1
-        tally = " ".join(f"{k} {v}" for k, v in sorted(self._tally.items()))
-        self._bar.set_postfix_str(f"{tally} | {self.note()}" if self.note else tally, refresh=False)
-        self._bar.update(1)
+        self.progress.finished(job, result.status)
         for waiting in self.dependants.get(job.id, ()):
             if waiting not in self.jobs or self.status[waiting] != "pending":
                 continue
@@ -271,112 +279,3 @@ class Driver:
                                                                self._blocker(waiting)))
             elif self._deps_kept(waiting):
                 self._make_ready(waiting)
-
-
-def _progress_bar(total: int, done: int, enabled: bool):
-    """jobs done/total with an ETA on stderr; a silent stand-in when off or not a terminal."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=done, unit="job", file=sys.stderr, dynamic_ncols=True,
-                disable=not (enabled and sys.stderr.isatty()), desc="jobs")
-
-
-@contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
-    """SIGINT/SIGTERM: finish and commit the batch in flight, then stop; a second one aborts
-    at once (the store's write order keeps the manifest consistent either way)."""
-
-    def handle(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
-        print("\nstopping after the batch in flight (press Ctrl-C again to abort now)",
-              file=sys.stderr)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # only the main thread may handle signals; the caller sets `stop` itself
-        return
-    caught = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, handle) for signum in caught}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-def worker_settings(plan_settings: Any, *, device: str | None = None, score: bool = True):
-    """The WorkerSettings of a plan's run settings; `score=False` turns scoring off even where
-    the recipe has it on. The device defaults to CUDA when there is one."""
-    from ..worker import WorkerSettings
-
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return WorkerSettings(model=plan_settings.model, device=device,
-                          clip_model=plan_settings.clip_model,
-                          clip_pretrained=plan_settings.clip_pretrained,
-                          multilingual=plan_settings.multilingual,
-                          score=plan_settings.score and score)
-
-
-def execute(plan: Any, recipe_text: str, run_dir: str | Path, settings: Any, *,
-            executor: str = "local", batch_size: int = 4, keep_attempts: bool = False,
-            progress: bool = True, executor_options: dict[str, Any] | None = None) -> RunSummary:
-    """Run a plan into RUN_DIR: record the recipe and the jobs, run what is unfinished on the
-    chosen executor (Ctrl-C stops after the batch in flight), then refresh the report.
-
-    `settings` is a worker.WorkerSettings; `executor_options` go to the executor (Ray: its
-    RayOptions fields). Raises store.RunLocked when another process writes to RUN_DIR.
-    """
-    with RunStore.open(run_dir) as store:
-        store.save_recipe(recipe_text)
-        store.set_meta("recipe_name", plan.settings.name)
-        store.set_meta("model", settings.model)
-        store.set_meta("settings", {**asdict(settings), "executor": executor,
-                                    "batch_size": batch_size, "keep_attempts": keep_attempts})
-        store.add_jobs(plan.jobs)
-        run = _executor(executor, executor_options or {})
-        with stop_on_signals(threading.Event()) as stop:
-            summary = run(plan.jobs, store, settings, batch_size=batch_size,
-                          keep_attempts=keep_attempts, progress=progress, stop=stop)
-        if summary.ran and settings.score and any(job.scoring.pair for job in plan.jobs):
-            _record_bilingual_parity(store, settings)
-    report = Path(run_dir) / "report.html"
-    if summary.ran or not report.exists():  # a rerun with nothing to do leaves the dir as it was
-        _write_report(run_dir)
-    return summary
-
-
-def _executor(name: str, options: dict[str, Any]) -> Callable[..., RunSummary]:
-    """The executor's run function; each has run_local's signature."""
-    if name == "ray":
-        from .ray import RayOptions, run_ray
-
-        ray_options = RayOptions(**options)
-        return lambda *args, **kwargs: run_ray(*args, options=ray_options, **kwargs)
-    from .local import run_local
-
-    return run_local
-
-
-def _record_bilingual_parity(store: RunStore, settings: Any) -> None:
-    """EN vs ZH similarity and text-score gap per pair: it compares two jobs' outputs, which
-    may have run on different workers, so the driver does it once at the end, on the CPU."""
-    from ..scoring import ClipScorer, record_pairs
-
-    record_pairs(store, ClipScorer(settings.clip_model, settings.clip_pretrained,
-                                   multilingual=settings.multilingual))
-
-
-def _write_report(run_dir: str | Path) -> None:
-    """A broken report never costs the run its images: its failure is logged and the run's
-    outcome stands."""
-    from ..report import write_report
-
-    try:
-        write_report(run_dir)
-    except Exception as exc:
-        log.error("writing the report failed (%s); run `omnigen2-batch report %s` to retry",
-                  exc, run_dir, exc_info=log.isEnabledFor(logging.DEBUG))

@@ -1,0 +1,75 @@
+"""RunConfig: how a run is carried out (model, device, dtype, offload, CLIP, executor, batch
+size, Ray), as opposed to what it makes (the jobs). Built once from the recipe and the command
+line, saved in the run directory, loaded back typed; frozen, so nothing changes it mid-run.
+No torch here: the CLI builds it before deciding whether torch is needed at all.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+DEFAULT_MODEL = "OmniGen2/OmniGen2"
+DEFAULT_CLIP = "ViT-B-32"
+DEFAULT_CLIP_WEIGHTS = "openai"
+RANDOM_WEIGHTS = "random"  # recipe value for seeded random CLIP weights (tests, smoke runs)
+DEFAULT_BATCH_SIZE = 4
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OFFLOADS = ("none", "model", "sequential", "group")
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """The CLIP scorer: an open_clip model and its weights (None: seeded random weights)."""
+
+    model: str = DEFAULT_CLIP
+    pretrained: str | None = DEFAULT_CLIP_WEIGHTS
+    multilingual: bool = False  # the text tower reads Chinese: no English twin needed
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained is None and not self.model.startswith(("hf-hub:", "local-dir:"))
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str | None = None  # None: a private local Ray on 127.0.0.1; "auto"/host:port: join
+    workers: int | None = None  # actors; None: one per GPU of the cluster (at least one)
+    dashboard: bool = False  # only for a local Ray
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = DEFAULT_MODEL  # "tiny", a hub id or a local folder (absolute)
+    device: str = "auto"  # auto: CUDA when there is one, else the CPU
+    dtype: str = "auto"  # auto: float32 on the CPU, bfloat16 on a GPU
+    offload: str = "none"  # none | model | sequential | group (see model/loading.py)
+    score: bool = True
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    executor: str = "local"
+    batch_size: int = DEFAULT_BATCH_SIZE  # jobs per micro-batch
+    keep_attempts: bool = False
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def with_(self, **changes: Any) -> "RunConfig":
+        """A copy with the given fields changed; None values leave a field as it is, so
+        unset command-line flags can be passed straight through."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        """The inverse of to_dict; unknown keys (a newer version's) are ignored."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["clip"] = ClipConfig(**_known(ClipConfig, values.get("clip") or {}))
+        values["ray"] = RayConfig(**_known(RayConfig, values.get("ray") or {}))
+        return cls(**values)
+
+
+def _known(cls, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {k: v for k, v in data.items() if k in names}

@@ -1,0 +1,27 @@
+"""The Executor interface: where micro-batches run. What runs, and every write, stays with
+the Driver (driver.py); an executor only moves batches to workers and results back."""
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+
+from ..config import RunConfig
+from .driver import Driver
+
+
+class Executor(ABC):
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @abstractmethod
+    def run(self, driver: Driver, stop: threading.Event) -> None:
+        """Feed the driver's ready work to the workers until every job is finished or `stop`
+        is set. Raises UnavailableError when no worker can start (nothing ran then)."""
+
+
+class Stop(threading.Event):
+    """Set by a signal handler: `signal` says which one; `abandon` means do not wait for the
+    work in flight (SIGTERM: a scheduler's grace period is short), else finish and commit it."""
+
+    signal: str = ""
+    abandon: bool = False

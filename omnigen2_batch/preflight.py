@@ -1,0 +1,120 @@
+"""Preflight: can this machine run the recipe? Checked before any work starts (`run`, and
+`validate --deep`), so that a missing model file or scorer weight is reported in seconds with
+what to do, not found an hour into a cluster job.
+
+It resolves the model (a local folder, or a hub id through huggingface_hub's cache) and checks
+every component's configs and safetensors headers without loading weights; it finds the CLIP
+weights file (a local file, or an open_clip tag in the hub cache or open_clip's URL cache); and
+it checks that the requested device exists.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ClipConfig, RunConfig
+from .errors import UnavailableError
+
+OPEN_CLIP_DEFAULT_FILE = "open_clip_pytorch_model.bin"  # open_clip's name when hf_hub has none
+
+
+def preflight(config: RunConfig) -> None:
+    """Raise UnavailableError listing every problem; return quietly when all is in place."""
+    problems = _device_problems(config.device) + _model_problems(config.model)
+    if config.score:
+        problems += clip_problems(config.clip)
+    if problems:
+        raise UnavailableError("this machine cannot run the recipe yet:\n" +
+                               "\n".join(f"  {p}" for p in problems), errors=problems)
+
+
+def _device_problems(device: str) -> list[str]:
+    if not device.startswith("cuda"):
+        return []
+    import torch
+
+    if not torch.cuda.is_available():
+        return [f"device {device}: torch sees no CUDA device here; use --device cpu (or auto)"]
+    return []
+
+
+def _model_problems(model: str) -> list[str]:
+    if model == "tiny":
+        return []
+    from .model.loading import COMPONENTS, ModelLoadError, check_component, resolve_folder
+
+    try:
+        folder = resolve_folder(model)
+        for name in COMPONENTS:
+            check_component(folder, name)
+    except ModelLoadError as err:
+        return [str(err)]
+    return []
+
+
+def clip_problems(clip: ClipConfig) -> list[str]:
+    """Why the scorer's model or weights cannot be had here ([] when they can)."""
+    import open_clip
+
+    from .scoring import register_configs
+
+    register_configs()
+    name = clip.model
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return []  # these bring their own weights; open_clip reports a missing one itself
+    if name not in open_clip.list_models():
+        return [f"scoring.model {name!r}: not an open_clip model; see open_clip.list_models()"]
+    if clip.pretrained is None:
+        return []  # seeded random weights: nothing to find (scores are meaningless)
+    return _weights_problems(name, clip.pretrained)
+
+
+def _weights_problems(model: str, pretrained: str) -> list[str]:
+    import open_clip
+
+    path = Path(pretrained).expanduser()
+    if path.suffix or os.sep in pretrained:
+        if not path.is_file():
+            return [f"scoring.pretrained {pretrained!r}: no such weights file ({path.resolve()})"]
+        return []
+    cfg = open_clip.get_pretrained_cfg(model, pretrained)
+    if not cfg:
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(model)) or "none"
+        return [f"scoring.pretrained {pretrained!r}: not a weights tag of {model} (known: {tags}), "
+                "nor a weights file path"]
+    if _cached(cfg):
+        return []
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not cfg.get("hf_hub"):
+        where = _source(cfg)
+        return [f"scoring.pretrained {pretrained!r} of {model}: the weights file is not on this "
+                f"machine ({where}) and offline mode forbids downloading it; fetch it on a "
+                "machine with network into the Hugging Face cache, or pass a local file with "
+                "scoring.pretrained: /path/to/weights.safetensors"]
+    return []  # online: open_clip downloads it into the hub cache when the scorer loads
+
+
+def _cached(cfg: dict) -> bool:
+    """Whether open_clip will find the tag's weights without a download."""
+    if cfg.get("file"):
+        return Path(cfg["file"]).is_file()
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = _hub_file(cfg)
+        candidates = [filename] + ([filename[:-4] + ".safetensors"] if filename.endswith(".bin") else [])
+        return any(isinstance(try_to_load_from_cache(repo, name), str) for name in candidates)
+    if cfg.get("url"):
+        return (Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])).is_file()
+    return False
+
+
+def _source(cfg: dict) -> str:
+    if cfg.get("hf_hub"):
+        return "hub repo {}, file {}".format(*_hub_file(cfg))
+    return cfg.get("url") or cfg.get("file") or "unknown source"
+
+
+def _hub_file(cfg: dict) -> tuple[str, str]:
+    """open_clip's "org/name/file" (or "org/name/" for its default file) as (repo, file)."""
+    repo, filename = os.path.split(cfg["hf_hub"])
+    return repo, filename or OPEN_CLIP_DEFAULT_FILE

@@ -1,0 +1,198 @@
+"""Deciding again over finished work: re-judging recorded scores when a recipe's thresholds
+change, re-scoring a run with another CLIP (the `score` command), and bilingual parity.
+
+The scorer measures and rules.py decides; this module brings the two to a finished run and
+writes the outcome back through the store (which moves files between kept/ and rejected/).
+Parity works from the images in memory when a run just made them, else from the run's files.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping
+
+from .images import load_rgb
+from .jobs import Attempt, Job, JobResult, pair_side
+from .rules import decide, judge
+from .scoring import scoring_refs
+from .store import FINAL, RunStore
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from .scoring import ClipScorer
+
+
+@dataclass(frozen=True)
+class PairParity:
+    """A row of the manifest's `pairs` table: EN vs ZH image similarity, text-score gap."""
+
+    pair: str
+    en_job: str
+    zh_job: str
+    similarity: float
+    text_gap: float | None  # text score of the EN image minus the ZH one's; None if unscored
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+# -- re-judging recorded scores (every run, before anything is generated) ------------------------
+def redecide(store: RunStore, jobs: Iterable[Job]) -> tuple[int, dict[str, list[Attempt]]]:
+    """Re-judge the finished jobs of the plan with their current thresholds, from the scores
+    on record: no image is generated or scored. Returns (how many decisions changed, the
+    attempts of jobs that now fail but have attempts left: they climb on from there)."""
+    changed, resume = 0, {}
+    rows = {row["id"]: row for row in store.jobs() if row["status"] in FINAL and row["image"]}
+    for job in jobs:
+        row = rows.get(job.id)
+        if row is None or not row["scored"]:
+            continue
+        attempts = _recorded_attempts(store, job.id)
+        flags = [(a.passed, a.failed_metrics) for a in attempts]
+        for attempt in attempts:
+            if attempt.scores:
+                attempt.passed, attempt.failed_metrics = judge(attempt.scores, job.scoring.thresholds)
+        at_hand = [i for i, a in enumerate(attempts) if a.n == row["best"]]
+        if not at_hand:
+            continue
+        status, best = decide(attempts, job.scoring.thresholds, made=at_hand)
+        attempts[best].image = load_rgb(store.run_dir / row["image"])
+        spent = sum(1 for a in attempts if not a.params.get("skipped"))
+        if status == "rejected" and spent < job.max_attempts:
+            resume[job.id] = attempts
+        elif status != row["status"] or flags != [(a.passed, a.failed_metrics) for a in attempts]:
+            store.commit(job, JobResult(job.id, status, attempts, best, row["error"] or ""))
+            changed += status != row["status"]
+    return changed, resume
+
+
+def _recorded_attempts(store: RunStore, job_id: str) -> list[Attempt]:
+    return [Attempt(a["n"], a["seed"], a["strategy"], a["reason"], a["params"] or {},
+                    a["scores"] or {}, bool(a["passed"]), tuple(a["failed_metrics"] or ()),
+                    a["seconds"] or 0.0)
+            for a in store.attempts(job_id)]
+
+
+# -- bilingual parity ---------------------------------------------------------------------------
+def record_pairs(store: RunStore, scorer: "ClipScorer",
+                 images: Mapping[str, "Image"] | None = None) -> list[PairParity]:
+    """Compute and save the parity of every complete EN/ZH pair of the run's current jobs.
+    `images` (job id -> output) spares reading files the run still holds in memory."""
+    images = images or {}
+    sides: dict[str, dict[str, dict]] = {}
+    for row in store.jobs():
+        job = Job.from_dict(row["job"])
+        if job.scoring.pair and row["image"] and row["status"] in FINAL:
+            sides.setdefault(job.scoring.pair, {})[pair_side(job)] = row
+    complete = [(pair, s["en"], s["zh"]) for pair, s in sorted(sides.items()) if len(s) == 2]
+    if not complete:
+        return []
+
+    def image(row: dict) -> "Image":
+        return images.get(row["id"]) or load_rgb(store.run_dir / row["image"])
+
+    similarities = scorer.similarities([(image(en), image(zh)) for _, en, zh in complete])
+    rows = []
+    for (pair, en, zh), similarity in zip(complete, similarities):
+        en_text, zh_text = _text_score(store, en), _text_score(store, zh)
+        gap = None if en_text is None or zh_text is None else en_text - zh_text
+        rows.append(PairParity(pair, en["id"], zh["id"], similarity, gap))
+    store.replace_pairs([(p.pair, p.en_job, p.zh_job, p.similarity, p.text_gap) for p in rows])
+    return rows
+
+
+def _text_score(store: RunStore, row: dict) -> float | None:
+    """The `text` score of the attempt that made the job's image."""
+    return next((a["scores"].get("text") for a in store.attempts(row["id"])
+                 if a["n"] == row["best"] and a["scores"]), None)
+
+
+# -- re-scoring a finished run with a (possibly other) CLIP: the `score` command ----------------
+def rescore_run(run_dir, scorer: "ClipScorer", chunk_size: int = 64) -> dict:
+    """Re-score a run's kept and rejected images (and attempt images kept on disk) with
+    `scorer`, re-decide with the jobs' current thresholds, and rewrite the results through
+    RunStore.commit, which moves images between kept/ and rejected/ and rewrites PNG chunks.
+
+    Attempts whose image is not on disk keep the scores of the run that made them and take no
+    part in the decision; re-scored attempts carry params["rescored_with"].
+    """
+    summary = {"jobs": 0, "changed": [], "skipped": [], "clip_model": scorer.model_name,
+               "pretrained": scorer.pretrained, "random_weights": scorer.random_weights}
+    with RunStore.open(run_dir) as store:
+        rows = store.jobs()
+        paths = {row["id"]: row["image"] for row in rows if row["image"]}
+        todo = [row for row in rows if row["status"] in FINAL and row["image"]]
+        for start in range(0, len(todo), chunk_size):
+            for row, job, result in _rescore_chunk(store, todo[start:start + chunk_size],
+                                                   paths, scorer, summary):
+                paths[job.id] = store.image_path(job, result.status)  # dependants find moved anchors
+                if result.status != row["status"]:
+                    summary["changed"].append({"job": job.id, "name": f"{job.section}/{job.name}",
+                                               "from": row["status"], "to": result.status})
+        pairs = record_pairs(store, scorer)
+        counts = store.counts()["status"]
+        store.set_meta("rescored", {"clip_model": scorer.model_name, "pretrained": scorer.pretrained})
+    summary.update(kept=counts["kept"], rejected=counts["rejected"], pairs=[vars(p) for p in pairs],
+                   similarity_mean=mean(p.similarity for p in pairs),
+                   text_gap_mean=mean(p.text_gap for p in pairs))
+    return summary
+
+
+def _rescore_chunk(store: RunStore, rows: list[dict], paths: dict, scorer: "ClipScorer",
+                   summary: dict):
+    """Load, score (in one batch) and commit a chunk of jobs; yields (row, job, new result)."""
+    loaded = []
+    for row in rows:
+        job = Job.from_dict(row["job"])
+        try:
+            loaded.append((row, job, _load_result(store, row, job),
+                           _reference_images(store, job, paths)))
+        except (OSError, ValueError, KeyError) as err:
+            summary["skipped"].append({"job": job.id, "error": f"{type(err).__name__}: {err}"})
+    items = [(job, a) for _, job, (result, _), _ in loaded for a in result.attempts
+             if a.image is not None]
+    refs = {key: im for *_, images in loaded for key, im in images.items()}
+    scores = scorer.score([(job, a.image) for job, a in items], refs)
+    for (job, attempt), new in zip(items, scores):
+        attempt.scores = new
+        attempt.passed, attempt.failed_metrics = judge(new, job.scoring.thresholds)
+        attempt.params = {**attempt.params, "scored": True,
+                          "rescored_with": f"{scorer.model_name}:{scorer.pretrained or 'random'}"}
+    for row, job, (result, keep_attempts), _ in loaded:
+        result.status, result.best = decide(result.attempts, job.scoring.thresholds)
+        store.commit(job, result, keep_attempts=keep_attempts)
+        summary["jobs"] += 1
+        yield row, job, result
+
+
+def _load_result(store: RunStore, row: dict, job: Job) -> tuple[JobResult, bool]:
+    """(JobResult as recorded, with the images on disk; whether attempt images are kept)."""
+    rows = store.attempts(job.id)
+    attempts = _recorded_attempts(store, job.id)
+    for attempt, record in zip(attempts, rows):
+        if record["image"] and (store.run_dir / record["image"]).is_file():
+            attempt.image = load_rgb(store.run_dir / record["image"])
+    output = store.run_dir / row["image"]
+    best = next((i for i, a in enumerate(attempts) if a.n == row["best"]), None)
+    if best is None:
+        raise ValueError(f"{output}: the manifest names attempt {row['best']} as its maker, "
+                         f"but has no such attempt")
+    if attempts[best].image is None:
+        attempts[best].image = load_rgb(output)
+    keep_attempts = any(a["image"] for a in rows)
+    return JobResult(job.id, row["status"], attempts, best, row["error"] or ""), keep_attempts
+
+
+def _reference_images(store: RunStore, job: Job, paths: dict) -> dict:
+    """The scoring references and edit source of a job: files by path, anchors from the run."""
+    images = {}
+    for ref in scoring_refs(job):
+        if ref.job_id:
+            if ref.job_id not in paths:
+                raise ValueError(f"reference job {ref.job_id} has no image in this run")
+            images[ref.key] = load_rgb(store.run_dir / paths[ref.job_id])
+        else:
+            images[ref.key] = load_rgb(ref.path)
+    return images
