@@ -5,9 +5,11 @@ recipe no longer plans) are dropped here, once, so no count, gallery, pair or pl
 """
 from __future__ import annotations
 
+import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ..jobs import Job
 from ..store import RunStore, StoreError, is_tiny
@@ -66,12 +68,20 @@ class Run:
         return is_tiny(self.model) or any(is_tiny(v.job.model) for v in self.jobs)
 
 
+@contextmanager
+def _manifest_errors(run_dir: Path) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as err:  # e.g. no room for its shared-memory file, a damaged file
+        raise ReportError(f"cannot read the manifest of {run_dir}: {err}") from err
+
+
 def load_run(run_dir: Path) -> Run:
     try:
         store = RunStore.open(run_dir, readonly=True)
     except StoreError as err:
         raise ReportError(str(err)) from err
-    with store:
+    with store, _manifest_errors(run_dir):
         views = [JobView(row, Job.from_dict(row["job"]), store.attempts(row["id"]))
                  for row in store.jobs() if row["status"] != SUPERSEDED]
         live = {view.id for view in views}
