@@ -7,6 +7,7 @@ that came from a recipe is escaped and bidi-isolated (text.py here, textContent 
 from __future__ import annotations
 
 import datetime
+import html
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
@@ -70,7 +71,8 @@ class PageBuilder:
                  if counts["kept"] else "")
         line = ", ".join(f'<span data-section-count="{s}">{counts[s]}</span> {s}' for s in STATUSES)
         body = getattr(self, f"_{kind}_html")(f"s{index}", views, shown)
-        return (f'<section class="run-section" id="s{index}" data-section="{esc(name)}" data-kind="{kind}">'
+        # data-section is never shown: it carries the name exactly, for scripts and tests
+        return (f'<section class="run-section" id="s{index}" data-section="{html.escape(name)}" data-kind="{kind}">'
                 f"<h2>{user(name)} <small>{kind}</small></h2>"
                 f'<p class="section-counts">{len(views)} jobs: {line}{sheet}</p>{body}</section>')
 
