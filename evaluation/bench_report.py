@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from helpers_rundir import write_bulk_run  # noqa: E402
-from omnigen2_batch.report import write_report  # noqa: E402
+from omnigen2_batch.report import write_report
+from synthetic_run import write_bulk_run  # beside this file: python puts evaluation/ on the path
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

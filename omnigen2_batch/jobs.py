@@ -97,6 +97,21 @@ class Job:
         refs = self.inputs + self.scoring.references
         return tuple(dict.fromkeys(ref.job_id for ref in refs if ref.job_id))
 
+    @property
+    def pair_side(self) -> str | None:
+        """Which side of a bilingual pair this job is: "en" when its lang is "en", "zh" for any
+        other language; None when it belongs to no pair. Scoring and the report both use this."""
+        if not self.scoring.pair:
+            return None
+        return "en" if self.lang == "en" else "zh"
+
+    @property
+    def edit_source(self) -> ImageRef | None:
+        """The image an edit starts from: the scoring source, else (for an edit) its first input."""
+        if self.scoring.source is not None:
+            return self.scoring.source
+        return self.inputs[0] if self.kind == "edit" and self.inputs else None
+
     def with_(self, **changes: Any) -> "Job":
         return replace(self, **changes)
 
@@ -193,8 +208,3 @@ class GenRequest:
                 tuple(self.cfg_range), self.scheduler, self.max_input_side,
                 tuple(im.size for im in self.images))
 
-
-def pair_side(job: Job) -> str:
-    """Which side of a bilingual pair a job is: "en" for the English prompt, "zh" otherwise
-    (the one rule scoring, parity and the report share)."""
-    return "en" if job.lang == "en" else "zh"

@@ -225,10 +225,8 @@ class JobLadder:
         return self._plan(len(self.attempts), strategy, reason, extra, images, prompt=instruction)
 
     def _source(self) -> "Image | None":
-        source = self.job.scoring.source
-        if source is not None:
-            return self.images[source.key]
-        return self.inputs[0] if self.job.kind == "edit" and self.inputs else None
+        source = self.job.edit_source
+        return None if source is None else self.images[source.key]
 
     # -- recording -----------------------------------------------------------------------------
     def _skip(self, strategy: str, why: str) -> None:

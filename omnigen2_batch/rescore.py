@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
 from .images import load_rgb
-from .jobs import Attempt, Job, JobResult, pair_side
+from .jobs import Attempt, Job, JobResult
 from .rules import decide, judge
 from .scoring import scoring_refs
 from .store import FINAL, RunStore
@@ -85,7 +85,7 @@ def record_pairs(store: RunStore, scorer: "ClipScorer",
     for row in store.jobs():
         job = Job.from_dict(row["job"])
         if job.scoring.pair and row["image"] and row["status"] in FINAL:
-            sides.setdefault(job.scoring.pair, {})[pair_side(job)] = row
+            sides.setdefault(job.scoring.pair, {})[job.pair_side] = row
     complete = [(pair, s["en"], s["zh"]) for pair, s in sorted(sides.items()) if len(s) == 2]
     if not complete:
         return []

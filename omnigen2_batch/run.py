@@ -89,14 +89,13 @@ def _compare_pairs(store: RunStore, plan: Plan, config: RunConfig) -> None:
 
 
 def _finished_pairs(store: RunStore, plan: Plan) -> set[tuple[str, str, str]]:
-    from .jobs import pair_side
     from .store import FINAL
 
     status = store.statuses()
     sides: dict[str, dict[str, str]] = {}
     for job in plan.jobs:
         if job.scoring.pair and status.get(job.id) in FINAL:
-            sides.setdefault(job.scoring.pair, {})[pair_side(job)] = job.id
+            sides.setdefault(job.scoring.pair, {})[job.pair_side] = job.id
     return {(pair, s["en"], s["zh"]) for pair, s in sides.items() if len(s) == 2}
 
 

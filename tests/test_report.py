@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from helpers_rundir import XSS_PROMPT, open_run, write_bulk_run, write_mixed_run
+from helpers_rundir import TEXT_MIN, XSS_PROMPT, kept, open_run, rejected, write_bulk_run, write_mixed_run
 from omnigen2_batch.cli import main
-from omnigen2_batch.jobs import Job
+from omnigen2_batch.jobs import Job, Scoring
 from omnigen2_batch.report import ReportError, write_report
 
 CHROMIUM = os.environ.get("OMNIGEN2_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
@@ -252,3 +252,50 @@ def test_chromium_pages_long_lists(browser, tmp_path: Path) -> None:
     page.show_everything()
     assert gallery.locator(".card").count() == with_image
     assert page.broken_images() == [] and page.errors == []
+
+
+RLO = "\u202e"  # RIGHT-TO-LEFT OVERRIDE: reverses what follows it, up to the end of the paragraph
+
+
+def write_bidi_run(root: Path) -> Path:
+    """Overrides in a recipe name, a section, a job name and a prompt; a Hebrew section and job."""
+    with open_run(root, f"bidi {RLO}recipe") as store:
+        kept(store, Job(f"evil{RLO}section", f"name{RLO}x", "t2i", f"{RLO}gnp.exe a cat", model="tiny",
+                        scoring=Scoring(thresholds=TEXT_MIN)), {"text": 0.3})
+        rejected(store, Job("ספר", "פרק", "t2i", "שלום עולם", model="tiny", scoring=Scoring(thresholds=TEXT_MIN)),
+                 [0.1, 0.2], best=1)
+    write_report(root)
+    return root
+
+
+def left_to_right(locator) -> bool:
+    """Whether the characters of the element's text are laid out left to right, in order."""
+    return locator.evaluate("""el => {
+        const xs = [], walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT), range = document.createRange();
+        for (let node; (node = walker.nextNode());) {
+            for (let i = 0; i < node.length; i++) {
+                range.setStart(node, i); range.setEnd(node, i + 1);
+                const box = range.getBoundingClientRect();
+                if (box.width > 0) xs.push(box.left);
+            }
+        }
+        return xs.length > 1 && xs.every((x, i) => i === 0 || x > xs[i - 1]);
+    }""")
+
+
+@pytest.mark.browser
+def test_chromium_user_text_cannot_reorder_the_page(browser, tmp_path: Path) -> None:
+    run = write_bidi_run(tmp_path / "run")
+    page = Page(browser, run / "report.html")
+    assert RLO not in page.page.inner_text("body") and RLO not in page.page.title()
+    assert "[U+202E]" in page.page.inner_text("body")  # shown for what it is, not obeyed
+    section = page.page.locator(f'section[data-section="evil{RLO}section"]')
+    assert left_to_right(section.locator("h2 small"))  # "gallery", the page's text after the name
+    card = section.locator(".card figcaption")
+    assert left_to_right(card.locator(".badge"))  # "kept", after the job name
+    assert card.locator(".badge").bounding_box()["x"] > card.locator("b").bounding_box()["x"]
+    # right-to-left text stays in its isolate: section, then " / ", then job name, left to right
+    heading = page.page.locator("#rejected h3 bdi")
+    assert heading.nth(0).inner_text() == "ספר"
+    assert heading.nth(0).bounding_box()["x"] < heading.nth(1).bounding_box()["x"]
+    check_against_manifest(page, run)  # the names still find their sections, counts still match

@@ -1,5 +1,6 @@
 // Draws the report's long lists page by page from the inline JSON, so the DOM stays small for
-// big runs. Every string from the recipe goes in as text (append/textContent), never as HTML.
+// big runs. Every string from the recipe goes in as text (append/textContent), never as HTML,
+// and inside a <bdi> (u below), so right-to-left text or a stray override reorders only itself.
 "use strict";
 (function () {
   const PAGE = 48;
@@ -15,6 +16,7 @@
     }
     return node;
   }
+  const u = (text) => el("bdi", {}, text);  // user text: isolated from the page's own text
   const fmt = (x) => (typeof x === "number" ? x.toFixed(3) : "n/a");
   const scores = (sc) => Object.entries(sc || {}).map(([k, v]) => k + " " + fmt(v)).join(" · ");
 
@@ -27,8 +29,8 @@
     return el("figure", {class: "card " + it.s, "data-job": it.id},
       thumb(it.t, it.f, it.n),
       el("figcaption", {},
-        el("b", {}, it.n), " ", el("span", {class: "badge " + it.s}, it.s),
-        el("div", {class: "prompt", title: it.p}, it.p),
+        el("b", {}, u(it.n)), " ", el("span", {class: "badge " + it.s}, it.s),
+        el("div", {class: "prompt", title: it.p}, u(it.p)),
         el("div", {class: "scores"}, scores(it.sc))));
   }
   function row(cells, job) {
@@ -45,11 +47,11 @@
     edits: {
       box: () => table(["input", "output", "instruction", "status", "scores"]),
       item: (it) => row([thumb(it.src.t, null, it.src.l), thumb(it.t, it.f, it.n),
-        el("div", {}, el("b", {}, it.n), el("div", {class: "prompt"}, it.p)), it.s, scores(it.sc)], it.id),
+        el("div", {}, el("b", {}, u(it.n)), el("div", {class: "prompt"}, u(it.p))), it.s, scores(it.sc)], it.id),
     },
     pairs: {
       box: () => table(["pair", "EN", "ZH", "EN text", "ZH text", "gap (EN − ZH)", "EN–ZH similarity"]),
-      item: (it) => row([it.pair, side(it.en), side(it.zh), fmt(it.et), fmt(it.zt), fmt(it.gap), fmt(it.sim)]),
+      item: (it) => row([u(it.pair), side(it.en), side(it.zh), fmt(it.et), fmt(it.zt), fmt(it.gap), fmt(it.sim)]),
     },
     rejected: {
       box: () => { const d = el("div"); return [d, d]; },
@@ -57,24 +59,24 @@
         const [attempts, body] = table(["#", "image", "strategy", "seed", "reason", "scores", "failed", "seconds", "passed"]);
         for (const a of it.att) {
           body.append(row([String(a.n), el("td", {class: "small"}, thumb(a.t, null, it.n + " #" + a.n)), a.st,
-            String(a.seed), a.r, scores(a.sc), a.fm.join(", "), String(a.sec),
+            String(a.seed), u(a.r), scores(a.sc), a.fm.join(", "), String(a.sec),
             el("span", {class: a.ok ? "pass" : "fail"}, a.ok ? "yes" : "no")]));
         }
         return el("div", {class: "rejected-job", "data-job": it.id},
-          el("h3", {}, it.sec + " / " + it.n),
-          el("p", {class: "why"}, it.why),
+          el("h3", {}, u(it.sec), " / ", u(it.n)),
+          el("p", {class: "why"}, u(it.why)),
           el("div", {class: "series"}, el("div", {class: "best"}, thumb(it.t, it.f, it.n)),
-            el("div", {}, el("div", {class: "prompt"}, it.p), attempts)));
+            el("div", {}, el("div", {class: "prompt"}, u(it.p)), attempts)));
       },
     },
     failed: {
       box: () => table(["section", "job", "prompt", "error"]),
-      item: (it) => row([it.sec, it.n, it.p, el("div", {class: "error"}, it.e)], it.id),
+      item: (it) => row([u(it.sec), u(it.n), u(it.p), el("div", {class: "error"}, u(it.e))], it.id),
     },
   };
   function side(it) {
     if (!it) return "missing";
-    return el("div", {"data-job": it.id}, thumb(it.t, it.f, it.n), el("div", {class: "prompt"}, it.p));
+    return el("div", {"data-job": it.id}, thumb(it.t, it.f, it.n), el("div", {class: "prompt"}, u(it.p)));
   }
 
   function pager(box, list) {
