@@ -26,6 +26,7 @@ from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RAND
                      SIZE_STEP, Instruction, Loc, Recipe, RecipeError, Shot)
 
 MAX_JOBS = 10_000
+MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
 SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
 # OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
 IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
@@ -341,11 +342,13 @@ class JobBuilder:
                 by_inputs.setdefault(job.inputs, []).append(at)
         for inputs, places in by_inputs.items():
             others = f" (and {len(places) - 1} more jobs)" if len(places) > 1 else ""
-            warnings.append(f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
-                            f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the "
-                            "best ones")
+            message = (f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
+                       f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the best ones")
+            if len(inputs) > MAX_REF_IMAGES:  # the transformer has no embedding for a 6th
+                self.errors.append(f"{message} (the model takes at most {MAX_REF_IMAGES})")
+            else:
+                warnings.append(message)
         return warnings
-
 
     def check_prompt_lengths(self) -> None:
         """Every prompt and negative prompt, with the job's input images, fits the model's
@@ -356,14 +359,14 @@ class JobBuilder:
         sizes = {job.id: (job.width, job.height) for job, _ in self.jobs}
         reported = set()
         for job, at in self.jobs:
-            room = budget.positions - 1 - sum(
+            room = budget.room(sum(
                 image_positions(sizes[ref.job_id] if ref.job_id else self.file_size(ref.path),
-                                job.max_input_side) for ref in job.inputs)
+                                job.max_input_side) for ref in job.inputs))
             for key, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
                 if tokens[text] > room and (at if key == "prompt" else text) not in reported:
                     reported.add(at if key == "prompt" else text)
                     self.errors.append(
-                        f"{self.recipe.where(at)}: the {key} is too long for the model: "
+                        f"{self.recipe.where(at)}: the {key} of this job is too long for the model: "
                         f"{tokens[text]:,} {budget.unit()} with the chat template "
                         f"({len(text):,} characters), and {self.model} has room for "
                         f"{max(room, 0):,} here (a job with {len(job.inputs)} input images); "

@@ -1,15 +1,16 @@
 """How long a prompt the model can take, checked at plan time instead of failing mid-run.
 
 The transformer gives every token of a job's joint sequence an Omni-RoPE position (model/rope.py):
-text token i sits at i on axis 0, each input image after the text takes max(rows, cols) more,
-and the output image sits at the sum. Every position must be inside the transformer's table of
-`axes_lens[0]` rows, or the lookup fails deep in the text path (an IndexError). So a job fits
-when
+text token i sits at (i, i, i) on the three axes; each input image after the text takes
+max(rows, cols) more on axis 0, and the output image sits at the sum. Every position must be
+inside the transformer's tables (`axes_lens` rows each), or the lookup fails deep in the text
+path (an IndexError). So a job fits when
 
-    tokens(chat template around the prompt) + sum over inputs of max(rows, cols) < axes_lens[0]
+    tokens <= min(axes_lens)   and   tokens + sum over inputs of max(rows, cols) < axes_lens[0]
 
-where an input's rows and cols are its model size (images.model_input_size) / 16. The negative
-prompt goes through the same path and must fit too.
+where tokens counts the chat template around the prompt and an input's rows and cols are its
+model size (images.model_input_size) / 16. The negative prompt goes through the same path and
+must fit too. Tiny: axes_lens (512, 128, 128), so 128 tokens, 88 after the template.
 
 Tokens are counted exactly with the model's own tokenizer.json (the `tokenizers` library, no
 torch) when it is on this machine: always for "tiny", for a local folder or a hub id already in
@@ -26,8 +27,8 @@ from pathlib import Path
 from .images import MODEL_MULTIPLE, model_input_size
 
 TINY_TOKENIZER = Path(__file__).parent / "model" / "assets" / "tiny_tokenizer" / "tokenizer.json"
-TINY_POSITIONS = 512  # model/tiny.py TRANSFORMER_CONFIG["axes_lens"][0] (tests hold them equal)
-RELEASED_POSITIONS = 10_000  # axes_lens[0] of the released OmniGen2 transformer/config.json
+TINY_AXES = (512, 128, 128)  # model/tiny.py TRANSFORMER_CONFIG["axes_lens"] (a test holds them equal)
+RELEASED_AXES = (10_000, 10_000, 10_000)  # the released OmniGen2 transformer/config.json
 # model/pipeline.py's SYSTEM_PROMPT and chat template, repeated: importing it imports torch.
 SYSTEM_PROMPT = ("You are a helpful assistant that generates high-quality images based on user "
                  "instructions.")
@@ -47,8 +48,12 @@ def image_positions(size: tuple[int, int], max_side: int) -> int:
 @dataclass(frozen=True)
 class TextBudget:
     model: str
-    positions: int  # axes_lens[0]: every position must be below this
+    axes: tuple[int, int, int]  # the transformer's axes_lens
     tokenizer: Path | None  # None: count UTF-8 bytes, an upper bound on tokens
+
+    def room(self, input_positions: int) -> int:
+        """The most tokens a text may have in a job whose inputs take `input_positions`."""
+        return min(min(self.axes), self.axes[0] - 1 - input_positions)
 
     def unit(self) -> str:
         return "tokens" if self.tokenizer else "tokens at most (counted as UTF-8 bytes: no " \
@@ -74,20 +79,21 @@ def load_tokenizer(path: Path):
 def text_budget(model: str) -> TextBudget:
     """The budget of a model spec as plan.py has it: "tiny", a hub id or an absolute folder."""
     if model == "tiny":
-        return TextBudget(model, TINY_POSITIONS, TINY_TOKENIZER)
+        return TextBudget(model, TINY_AXES, TINY_TOKENIZER)
     folder = Path(model) if model.startswith("/") else cached_snapshot(model)
     if folder is None:
-        return TextBudget(model, RELEASED_POSITIONS, None)
+        return TextBudget(model, RELEASED_AXES, None)
     tokenizer = folder / "processor" / "tokenizer.json"
-    return TextBudget(model, config_positions(folder / "transformer" / "config.json"),
+    return TextBudget(model, config_axes(folder / "transformer" / "config.json"),
                       tokenizer if tokenizer.is_file() else None)
 
 
-def config_positions(config: Path) -> int:
+def config_axes(config: Path) -> tuple[int, int, int]:
     try:
-        return int(json.loads(config.read_text(encoding="utf-8"))["axes_lens"][0])
+        axes = json.loads(config.read_text(encoding="utf-8"))["axes_lens"]
+        return tuple(int(axes[i]) for i in range(3))
     except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return RELEASED_POSITIONS  # what loading would then refuse is not a prompt problem
+        return RELEASED_AXES  # what loading would then refuse is not a prompt problem
 
 
 def cached_snapshot(repo_id: str) -> Path | None:

@@ -297,19 +297,10 @@ def convert_dataclass(value: dict, cls, at: Loc, ctx: Context):
 def parse_yaml(text: str, source: Source,
                raises: type[DocumentError] = DocumentError) -> Any:
     """Safe-load one YAML document, recording every field's line in `source.lines`;
-    `raises` reports syntax errors, duplicate keys and oversized documents."""
-    loader = yaml.SafeLoader(text)
+    `raises` reports syntax errors, duplicate keys, oversized documents and values Python
+    cannot hold, never a traceback."""
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        problems: list[tuple[int, str]] = []
-        record_lines(node, (), source.lines, problems)
-        if expanded_size(node, {}) > MAX_YAML_NODES:
-            problems.append((1, f"more than {MAX_YAML_NODES} values after expanding aliases"))
-        if problems:
-            raise raises([f"{source.label}:{line}: {msg}" for line, msg in sorted(problems)])
-        return loader.construct_document(node)
+        return load_document(text, source, raises)
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         raise raises([f"{source.label}:{mark.line + 1}: YAML syntax error: "
@@ -322,13 +313,57 @@ def parse_yaml(text: str, source: Source,
     except yaml.YAMLError as err:
         raise raises([f"{source.label}: YAML error: {err}"]) from err
     except RecursionError as err:  # PyYAML composes nested collections recursively
-        raise raises([f"{source.label}: YAML nested too deeply; no recipe needs more than "
-                      f"{MAX_YAML_DEPTH} levels"]) from err
-    except (ValueError, TypeError) as err:  # e.g. a 5000-digit integer, a date like 2024-13-45
-        raise raises([f"{source.label}: a value YAML cannot represent in Python: {err}; "
-                      "quote it if it is meant as text"]) from err
+        raise raises([f"{source.label}:{too_deep_line(text)}: YAML nested too deeply; no "
+                      f"recipe needs more than {MAX_YAML_DEPTH} levels"]) from err
+
+
+def too_deep_line(text: str) -> int:
+    """The line where `text` first nests deeper than MAX_YAML_DEPTH (events: no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        depth += isinstance(event, yaml.CollectionStartEvent)
+        depth -= isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_YAML_DEPTH:
+            return event.start_mark.line + 1
+    return 1
+
+
+def load_document(text: str, source: Source, raises: type[DocumentError]) -> Any:
+    loader = yaml.SafeLoader(text)  # checks every character first (ReaderError)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems: list[tuple[int, str]] = []
+        record_lines(node, (), source.lines, problems)
+        if expanded_size(node, {}) > MAX_YAML_NODES:
+            problems.append((1, f"more than {MAX_YAML_NODES} values after expanding aliases"))
+        if problems:
+            raise raises([f"{source.label}:{line}: {msg}" for line, msg in sorted(problems)])
+        try:
+            return loader.construct_document(node)
+        except (ValueError, TypeError) as err:  # a 5000-digit integer, a date like 2024-13-45
+            raise raises([f"{source.label}:{bad_scalar_line(node)}: a value Python "
+                          f"cannot hold ({err}); quote it if it is meant as text"]) from err
     finally:
         loader.dispose()
+
+
+def bad_scalar_line(root) -> int:
+    """The line of the first scalar under `root` that PyYAML cannot construct."""
+    todo = [root]
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, yaml.ScalarNode):
+            try:  # a fresh loader: a failed construction leaves the old one's state dirty
+                yaml.SafeLoader("").construct_object(node)
+            except (ValueError, TypeError):
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+        elif isinstance(node, yaml.MappingNode):
+            todo += [part for pair in node.value for part in pair]
+    return 1
 
 
 def record_lines(node, at: Loc, lines: dict, problems: list, seen=None) -> None:
