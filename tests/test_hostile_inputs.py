@@ -11,9 +11,9 @@ from PIL import Image
 
 from omnigen2_batch.images import (MAX_GLOB_DIRS, ImageError, find_inputs, load_for_model,
                                    load_rgb, model_input_size)
-from omnigen2_batch.plan import MAX_JOBS, build_plan
+from omnigen2_batch.plan import build_plan
 from omnigen2_batch.prompt_budget import SYSTEM_PROMPT, TINY_AXES, text_budget
-from omnigen2_batch.recipe import load_recipe
+from omnigen2_batch.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).parent.parent
 
@@ -50,7 +50,7 @@ def write(folder: Path, text: str, name: str = "recipe.yaml") -> Path:
 ])
 def test_non_finite_numbers_are_errors(tmp_path, setting, field):
     path = write(tmp_path, f"name: x\ndefaults: {{{setting}}}\nprompts: [{{name: p, prompt: a}}]\n")
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(RecipeError) as caught:
         load_recipe(path)
     assert caught.value.errors == [f"{path}:2: {field}: " + caught.value.errors[0].split(
         f"{field}: ", 1)[1]]
@@ -80,7 +80,7 @@ def test_a_trailing_newline_never_passes_a_name_pattern(tmp_path):
                             {"name": '"x\\n"', "prompts[0].name": '"p\\n"',
                              "series[0].character": 'character: "c\\n"',
                              "characters.c": '{"c\\n"'}[key])
-        with pytest.raises(Exception) as caught:
+        with pytest.raises(RecipeError) as caught:
             load_recipe(write(tmp_path, text.replace('{name: "p"}', '{name: "p", prompt: a}')))
         assert any("\\n" in error for error in caught.value.errors), key
 
