@@ -272,6 +272,7 @@ def run(recipe: str, out: str | None, model, device, dtype, offload, batch_size,
     from .config import RayConfig
     from .preflight import preflight
     from .progress import Progress
+    from .recipe import read_recipe_bytes
     from .run import execute
 
     plan = load_plan(recipe, allow_paths, strict, model, overrides)
@@ -287,7 +288,7 @@ def run(recipe: str, out: str | None, model, device, dtype, offload, batch_size,
         click.echo(f"warning: {warning}", err=True)
     preflight(config)
     out = out or str(Path("runs") / plan.name)
-    summary = execute(plan, config, out, recipe_text=Path(recipe).read_text(encoding="utf-8"),
+    summary = execute(plan, config, out, recipe_text=read_recipe_bytes(Path(recipe)).decode("utf-8"),
                       recipe_origin=Path(recipe).name, progress=Progress(enabled=not as_json),
                       min_kept=_min_kept(min_kept, len(plan.jobs)))
     return Reply({"run_dir": str(Path(out).resolve()), **summary.to_dict()},
@@ -446,3 +447,7 @@ def export(run_dir: str, dest: str, picked: bool, force: bool, as_json: bool) ->
     text = f"{result.dest}: exported {len(result.records)} of {result.kept} kept images"
     notes = [f"  not exported {p['section']}/{p['name']}: {p['error']}" for p in result.problems]
     return Reply(result.to_dict(), text, result.exit_code, notes)
+
+
+if __name__ == "__main__":  # python -m omnigen2_batch.cli ...
+    main()

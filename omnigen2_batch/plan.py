@@ -6,7 +6,8 @@
   the same recipe always gives the same seeds and ids, and adding a job changes no other job.
   An English/Chinese pair shares the seed of its English job.
 - Every input image is inspected (images.inspect_input) before anything runs: unusable files are
-  errors, poor ones warnings (errors under `strict`).
+  errors, poor ones warnings (errors under `strict`); every prompt must fit the model's text
+  positions (prompt_budget.py). Jobs are counted before any is built (MAX_JOBS).
 No torch here: `plan` and `validate` answer in well under a second.
 """
 from __future__ import annotations
@@ -21,10 +22,12 @@ from typing import Any
 from .config import ClipConfig, RunConfig
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .jobs import ImageRef, Job, Scoring, job_id
+from .prompt_budget import image_positions, text_budget
 from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RANDOM_WEIGHTS,
                      SIZE_STEP, Instruction, Loc, Recipe, RecipeError, Shot)
 
 MAX_JOBS = 10_000
+MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
 SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
 # OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
 IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
@@ -75,9 +78,11 @@ class Plan:
 
 def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool = False) -> Plan:
     """Expand a loaded recipe into jobs; raises RecipeError listing every plan-time problem."""
+    check_job_count(recipe)
     builder = JobBuilder(recipe, resolve_model(model_override) if model_override else recipe.model)
     builder.build()
     warnings = builder.check_inputs()
+    builder.check_prompt_lengths()
     errors = builder.errors
     if strict:
         errors += [f"{warning} (an error under --strict)" for warning in warnings]
@@ -101,6 +106,29 @@ def resolve_model(spec: str) -> str:
     if not path.is_dir():
         raise RecipeError([f"--model: no such model folder: {spec} (looked for {path})"])
     return str(path)
+
+
+def job_counts(recipe: Recipe) -> list[tuple[Loc, int]]:
+    """How many jobs each entry of the recipe makes, counted without building any."""
+    counts = [(("characters", name), 1) for name, c in recipe.characters.items() if c.portrait]
+    counts += [(("prompts", i), len(g.templates()) * math.prod(map(len, (g.matrix or {}).values())))
+               for i, g in enumerate(recipe.prompts)]
+    counts += [(("series", i), len(s.shots)) for i, s in enumerate(recipe.series)]
+    counts += [(("edits", i), len(c.instructions) * sum(map(len, c.inputs)))
+               for i, c in enumerate(recipe.edits)]
+    counts += [(("bilingual", i), 2 * len(g.pairs)) for i, g in enumerate(recipe.bilingual)]
+    return counts
+
+
+def check_job_count(recipe: Recipe) -> None:
+    """Refuse a recipe over MAX_JOBS before building a single job: built first, 1,700 groups
+    just under the limit each would fill the memory before the total could be checked."""
+    counts = job_counts(recipe)
+    total = sum(count for _, count in counts)
+    if total > MAX_JOBS:
+        at, most = max(counts, key=lambda entry: entry[1])
+        raise RecipeError([f"{recipe.where(at)}: the recipe makes {total:,} jobs (this entry "
+                           f"{most:,}); the limit is {MAX_JOBS:,}: split it into several recipes"])
 
 
 def run_config(recipe: Recipe, model: str) -> RunConfig:
@@ -132,6 +160,8 @@ class JobBuilder:
         self.errors: list[str] = []
         self.anchors: dict[str, Job] = {}  # character name -> its portrait job
         self._names: dict[str, set[str]] = {}
+        self._next_suffix: dict[tuple[str, str], int] = {}  # keeps unique_name linear
+        self._sizes: dict[str, tuple[int, int]] = {}  # input file -> (width, height)
         self._refs: dict[Path, ImageRef] = {}
         self._files: dict[Path, str] = {}  # every input file -> where the recipe names it
 
@@ -151,17 +181,9 @@ class JobBuilder:
         for index, group in enumerate(recipe.bilingual):
             self.add_bilingual(("bilingual", index), group)
         self.check_duplicates()
-        if len(self.jobs) > MAX_JOBS:
-            self.errors.append(f"{self.recipe.source.label}: the recipe makes {len(self.jobs)} "
-                               f"jobs; the limit is {MAX_JOBS}: split it into several recipes")
 
     def add_prompts(self, at: Loc, group) -> None:
         fixed, matrix = group.vars or {}, group.matrix or {}
-        combos = math.prod(len(values) for values in matrix.values()) * len(group.templates())
-        if combos > MAX_JOBS:
-            self.errors.append(f"{self.recipe.where(at + ('matrix',))}: expands to {combos} "
-                               f"jobs; the limit is {MAX_JOBS}")
-            return
         for index, template in enumerate(group.templates()):
             where = at + ("prompt",) + ((index,) if isinstance(group.prompt, list) else ())
             for values in itertools.product(*matrix.values()):
@@ -236,10 +258,8 @@ class JobBuilder:
     def input_size(self, path: Path) -> tuple[int, int]:
         """An edit's output size after its input; defaults.size is the pixel budget."""
         budget = self.setting([], "size")
-        try:
-            return fit_size(image_size(path), budget)
-        except ImageError:
-            return budget  # check_inputs reports the broken file
+        size = self.file_size(str(path))
+        return budget if size == (1, 1) else fit_size(size, budget)  # (1, 1): unreadable
 
     def setting(self, layers: list, key: str, default: Any = None) -> Any:
         """The nearest level's value of `key`: layers, then defaults, then `default` or the
@@ -257,11 +277,15 @@ class JobBuilder:
         return merged
 
     def unique_name(self, section: str, name: str) -> str:
+        """`name`, or name-2, name-3, ... when taken. The next suffix to try is remembered per
+        name: counting up from 2 each time made 10,000 alike names quadratic (16 s)."""
         taken = self._names.setdefault(section, set())
-        unique, n = name, 1
+        n = self._next_suffix.get((section, name), 1)
+        unique = name if n == 1 else f"{name}-{n}"
         while unique in taken:
             n += 1
             unique = f"{name}-{n}"
+        self._next_suffix[(section, name)] = n + 1
         taken.add(unique)
         return unique
 
@@ -289,9 +313,14 @@ class JobBuilder:
     def check_inputs(self) -> list[str]:
         """Inspect every input file once; errors go to self.errors, warnings are returned."""
         warnings, folder = [], self.recipe.source.path.parent
+        smallest_side: dict[str, int] = {}  # the strictest max_input_side a file is read with
+        for job, _ in self.jobs:
+            for ref in job.inputs:
+                smallest_side[ref.path] = min(job.max_input_side,
+                                              smallest_side.get(ref.path, job.max_input_side))
         for path, where in self._files.items():
             shown = path.relative_to(folder) if path.is_relative_to(folder) else path
-            for issue in inspect_input(path):
+            for issue in inspect_input(path, smallest_side.get(str(path), 1024)):
                 text = f"{where}: {shown}: {issue.message}"
                 (self.errors if issue.level == "error" else warnings).append(text)
         by_inputs: dict[tuple, list[Loc]] = {}
@@ -300,10 +329,45 @@ class JobBuilder:
                 by_inputs.setdefault(job.inputs, []).append(at)
         for inputs, places in by_inputs.items():
             others = f" (and {len(places) - 1} more jobs)" if len(places) > 1 else ""
-            warnings.append(f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
-                            f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the "
-                            "best ones")
+            message = (f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
+                       f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the best ones")
+            if len(inputs) > MAX_REF_IMAGES:  # the transformer has no embedding for a 6th
+                self.errors.append(f"{message} (the model takes at most {MAX_REF_IMAGES})")
+            else:
+                warnings.append(message)
         return warnings
+
+    def check_prompt_lengths(self) -> None:
+        """Every prompt and negative prompt, with the job's input images, fits the model's
+        text positions (prompt_budget.py); one error per place and text."""
+        budget = text_budget(self.model)
+        tokens = budget.count([text for job, _ in self.jobs
+                               for text in (job.prompt, job.negative_prompt)])
+        sizes = {job.id: (job.width, job.height) for job, _ in self.jobs}
+        reported = set()
+        for job, at in self.jobs:
+            room = budget.room(sum(
+                image_positions(sizes[ref.job_id] if ref.job_id else self.file_size(ref.path),
+                                job.max_input_side) for ref in job.inputs))
+            for key, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+                if tokens[text] > room and (at if key == "prompt" else text) not in reported:
+                    reported.add(at if key == "prompt" else text)
+                    self.errors.append(
+                        f"{self.recipe.where(at)}: the {key} of this job is too long for the model: "
+                        f"{tokens[text]:,} {budget.unit()} with the chat template "
+                        f"({len(text):,} characters), and {self.model} has room for "
+                        f"{max(room, 0):,} here (a job with {len(job.inputs)} input images); "
+                        "shorten it")
+
+    def file_size(self, path: str) -> tuple[int, int]:
+        """An input file's size from its header, read once per file; (1, 1) if unreadable
+        (check_inputs reports it)."""
+        if path not in self._sizes:
+            try:
+                self._sizes[path] = image_size(path)
+            except ImageError:
+                self._sizes[path] = (1, 1)
+        return self._sizes[path]
 
 
 def derive_seed(base: int, job: Job) -> int:

@@ -65,14 +65,17 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import re
+import stat
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .config import DTYPES, OFFLOADS
+from .images import ImageError, find_inputs
 from .rules import LADDER_STEPS, METRICS
 from .typed_yaml import (INVALID, Context, DocumentError, Loc, Pattern, Range, Source,
                          apply_overrides, convert_dataclass, dataclass_schema, did_you_mean, field_name, json_kind,
@@ -82,8 +85,10 @@ DEFAULT_MODEL = "OmniGen2/OmniGen2"
 SCHEDULERS = ("euler", "dpmsolver++")
 MIN_SIDE, MAX_SIDE, SIZE_STEP = 64, 2048, 16
 MAX_RECIPE_BYTES = 1 << 20
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-HUB_ID_PATTERN = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+# Patterns are matched whole (typed_yaml.Pattern uses fullmatch, as must every check here: a
+# "$" lets a trailing newline through); the ^...$ also make them right as JSON Schema patterns.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"  # part of file names: short, plain ASCII
+HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"
 
 # What a setting is when no level of the recipe sets it (image_guidance: see plan.py).
 BUILTIN_DEFAULTS: dict[str, Any] = {
@@ -104,14 +109,17 @@ class RecipeError(DocumentError):
 
 # ---- recipe-specific schema types ---------------------------------------------------------
 
-Name = Annotated[str, Pattern(NAME_PATTERN, "a name of letters, digits, '_', '-' or '.'")]
-Text = Annotated[str, Pattern(r"\S", "non-empty text")]
+Name = Annotated[str, Pattern(NAME_PATTERN, "a name of letters, digits, '_', '-' or '.' (at "
+                                             "most 80, starting with a letter or digit)")]
+Text = Annotated[str, Pattern(r"\s*\S[\s\S]*", "non-empty text")]
 VarName = Annotated[str, Pattern(r"^[A-Za-z_]\w*$", "a placeholder name like subject")]
 
 
 def number_pair(value) -> bool:
+    """Two finite numbers (YAML's .nan and .inf are floats no size or range can use)."""
     return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value))
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                    and math.isfinite(v) for v in value))
 
 
 class Size:
@@ -172,7 +180,7 @@ class InputFile:
         path = resolve_inside(value, at, ctx)
         if path is None:
             return INVALID
-        if not path.is_file():
+        if not is_regular_file(path):
             ctx.error(at, f"no such file: {value} (looked for {path})")
             return INVALID
         return cls(path, ctx.source.where(at))
@@ -192,8 +200,11 @@ class InputGlob:
         if not (isinstance(value, str) and glob.has_magic(value)):
             single = InputFile.convert(value, at, ctx)
             return INVALID if single is INVALID else (single,)
-        pattern = os.path.join(ctx.source.path.parent, os.path.expanduser(value))
-        matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        try:
+            matches = find_inputs(value, ctx.source.path.parent, ctx.source.roots)
+        except ImageError as err:
+            ctx.error(at, str(err))
+            return INVALID
         if not matches:
             ctx.error(at, f"the pattern {value!r} matches no files "
                           f"(relative to {ctx.source.path.parent})")
@@ -217,7 +228,11 @@ def resolve_inside(value: str, at: Loc, ctx: Context, report: bool = True) -> Pa
     """The absolute path `value` names, or None (error recorded if `report`) when it leaves
     every allowed root. Symlinks are resolved first, so a link cannot smuggle a file in."""
     path = Path(os.path.expanduser(value))
-    path = (path if path.is_absolute() else ctx.source.path.parent / path).resolve()
+    try:
+        path = (path if path.is_absolute() else ctx.source.path.parent / path).resolve()
+    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
+        ctx.error(at, f"cannot use the path {value!r}: {getattr(err, 'strerror', None) or err}")
+        return None
     if any(path.is_relative_to(root) for root in ctx.source.roots):
         return path
     if report:
@@ -461,6 +476,14 @@ class Recipe:
         self.model = check_model(self.model, ctx)
 
 
+def is_regular_file(path: Path) -> bool:
+    """A regular file (not a folder, FIFO or device: reading those hangs or never ends)."""
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def check_unique(items, at, name_of, ctx: Context, hint: str = "") -> None:
     at = at if isinstance(at, tuple) else (at,)
     seen: dict[str, int] = {}
@@ -484,7 +507,7 @@ def check_model(model: str | None, ctx: Context) -> str | None:
         if path is not None and not path.is_dir():
             ctx.error(("model",), f"no such model folder: {model} (looked for {path})")
         return str(path) if path else model
-    if not re.match(HUB_ID_PATTERN, model):
+    if not re.fullmatch(HUB_ID_PATTERN, model):
         ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, tiny, or a local "
                               f"folder starting with ./ or /, got {model!r}")
     return model
@@ -497,12 +520,7 @@ def load_recipe(path: str | os.PathLike, allow_paths=(), overrides=()) -> Recipe
     `overrides`: "dotted.key=value" strings (the CLI's --set), applied before validation."""
     label = str(path)
     path = Path(path).resolve()
-    try:
-        raw = path.read_bytes()
-    except OSError as err:
-        raise RecipeError([f"{label}: cannot read the recipe ({err.strerror or err})"]) from err
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError([f"{label}: the recipe is over {MAX_RECIPE_BYTES} bytes"])
+    raw = read_recipe_bytes(path, label)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -520,6 +538,25 @@ def load_recipe(path: str | os.PathLike, allow_paths=(), overrides=()) -> Recipe
     ctx.raise_if_any()
     recipe.source = source
     return recipe
+
+
+def read_recipe_bytes(path: Path, label: str | None = None) -> bytes:
+    """The bytes of a recipe file: a regular file of at most MAX_RECIPE_BYTES, read in bounded
+    chunks (a FIFO would hang, /dev/zero never ends); RecipeError otherwise."""
+    label = label or str(path)
+    try:  # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (OSError, ValueError) as err:
+        raise RecipeError([f"{label}: cannot read the recipe "
+                           f"({getattr(err, 'strerror', None) or err})"]) from err
+    with os.fdopen(fd, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecipeError([f"{label}: not a regular file (a folder, FIFO or device); give "
+                               "the path of a recipe .yaml file"])
+        raw = stream.read(MAX_RECIPE_BYTES + 1)
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError([f"{label}: the recipe is over {MAX_RECIPE_BYTES:,} bytes; split it"])
+    return raw
 
 
 # ---- JSON Schema --------------------------------------------------------------------------

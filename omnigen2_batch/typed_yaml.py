@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 from dataclasses import dataclass, field
@@ -26,13 +27,25 @@ import yaml
 from .errors import UserError
 
 MAX_YAML_NODES = 100_000  # after alias expansion: refuses "billion laughs" documents
+MAX_YAML_DEPTH = 32  # no schema nests deeper; PyYAML and our walks recurse per level
+# Characters text may not hold: C0/C1 controls other than tab and newlines (they corrupt file
+# names, tables and terminals) and lone surrogates (they cannot be written as UTF-8 at all).
+BAD_TEXT_CHAR = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters and lone surrogates escaped (\\n, \\x00, \\ud800), so a
+    message stays one line and can always be printed."""
+    return UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class DocumentError(UserError):
-    """An invalid document; `errors` holds every "file:line: field: message"."""
+    """An invalid document; `errors` holds every "file:line: field: message" (printable)."""
 
     def __init__(self, errors: list[str]):
-        super().__init__("\n".join(errors), errors=list(errors))
+        printed = [printable(str(error)) for error in errors]
+        super().__init__("\n".join(printed), errors=printed)
 
 
 # ---- where a value came from --------------------------------------------------------------
@@ -126,13 +139,14 @@ class Range:
 
 @dataclass(frozen=True)
 class Pattern:
-    """Annotated constraint: the string matches `regex`; `hint` says what that means."""
+    """Annotated constraint: the whole string matches `regex` (fullmatch: a `$` cannot let a
+    trailing newline through); `hint` says what that means."""
 
     regex: str
     hint: str
 
     def check(self, value, at, ctx) -> bool:
-        if re.search(self.regex, value):
+        if re.fullmatch(self.regex, value):
             return True
         ctx.error(at, f"expected {self.hint}, got {show(value)}")
         return False
@@ -197,8 +211,22 @@ def describe(tp) -> str:
             bool: "true or false"}[origin or tp]
 
 
+def unusable_value(value: Any) -> str | None:
+    """Why a value YAML accepts cannot be used at all (NaN, infinity, control characters,
+    lone surrogates), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {show(value)}"
+    if isinstance(value, str) and (bad := BAD_TEXT_CHAR.search(value)):
+        return (f"contains the character {printable(bad.group())} (U+{ord(bad.group()):04X}), "
+                "which text here may not hold; remove it")
+    return None
+
+
 def convert(value: Any, tp, at: Loc, ctx: Context) -> Any:
     """`value` as schema type `tp`, or INVALID after recording why not."""
+    if problem := unusable_value(value):
+        ctx.error(at, problem)
+        return INVALID
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
         for alternative in args:  # None in a union means "absent"; a YAML null is an error
@@ -223,10 +251,18 @@ def convert(value: Any, tp, at: Loc, ctx: Context) -> Any:
             ctx.error(at, f"expected one of {', '.join(map(repr, args))}, got {show(value)}"
                           f"{did_you_mean(value, args)}")
             return INVALID
-        return float(value) if tp is float else value
+        return to_float(value, at, ctx) if tp is float else value
     hint = " (remove the key to use the default)" if value is None else ""
     ctx.error(at, f"expected {describe(tp)}, got {json_kind(value)} {show(value)}{hint}")
     return INVALID
+
+
+def to_float(value: int | float, at: Loc, ctx: Context) -> Any:
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for any float
+        ctx.error(at, f"expected a finite number, got an integer of {len(str(value))} digits")
+        return INVALID
 
 
 def schema_fields(cls) -> dict[str, dataclasses.Field]:
@@ -239,7 +275,9 @@ def convert_dataclass(value: dict, cls, at: Loc, ctx: Context):
     hints_for_unknown = getattr(cls, "HINTS", {})
     free = getattr(cls, "FREE_PREFIX", None)
     for key in value:
-        if key not in fields and not (free and str(key).startswith(free)):
+        if key not in fields and (problem := unusable_value(key)):
+            ctx.error(at + (key,), problem)
+        elif key not in fields and not (free and str(key).startswith(free)):
             hint = hints_for_unknown.get(key)
             ctx.error(at + (key,), f"not allowed here: {hint}" if hint else
                       f"unknown key{did_you_mean(key, fields)}")
@@ -265,8 +303,39 @@ def convert_dataclass(value: dict, cls, at: Loc, ctx: Context):
 def parse_yaml(text: str, source: Source,
                raises: type[DocumentError] = DocumentError) -> Any:
     """Safe-load one YAML document, recording every field's line in `source.lines`;
-    `raises` reports syntax errors, duplicate keys and oversized documents."""
-    loader = yaml.SafeLoader(text)
+    `raises` reports syntax errors, duplicate keys, oversized documents and values Python
+    cannot hold, never a traceback."""
+    try:
+        return load_document(text, source, raises)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        raise raises([f"{source.label}:{mark.line + 1}: YAML syntax error: "
+                      f"{err.problem or err.context}"]) from err
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow in a file
+        line = text.count("\n", 0, err.position) + 1
+        raise raises([f"{source.label}:{line}: the character {printable(chr(err.character))} "
+                      f"(U+{err.character:04X}) is not allowed in YAML; remove it (a NUL byte "
+                      "means the file is not text)"]) from err
+    except yaml.YAMLError as err:
+        raise raises([f"{source.label}: YAML error: {err}"]) from err
+    except RecursionError as err:  # PyYAML composes nested collections recursively
+        raise raises([f"{source.label}:{too_deep_line(text)}: YAML nested too deeply; no "
+                      f"recipe needs more than {MAX_YAML_DEPTH} levels"]) from err
+
+
+def too_deep_line(text: str) -> int:
+    """The line where `text` first nests deeper than MAX_YAML_DEPTH (events: no recursion)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        depth += isinstance(event, yaml.CollectionStartEvent)
+        depth -= isinstance(event, yaml.CollectionEndEvent)
+        if depth > MAX_YAML_DEPTH:
+            return event.start_mark.line + 1
+    return 1
+
+
+def load_document(text: str, source: Source, raises: type[DocumentError]) -> Any:
+    loader = yaml.SafeLoader(text)  # checks every character first (ReaderError)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -277,13 +346,11 @@ def parse_yaml(text: str, source: Source,
             problems.append((1, f"more than {MAX_YAML_NODES} values after expanding aliases"))
         if problems:
             raise raises([f"{source.label}:{line}: {msg}" for line, msg in sorted(problems)])
-        return loader.construct_document(node)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        raise raises([f"{source.label}:{mark.line + 1}: YAML syntax error: "
-                      f"{err.problem or err.context}"]) from err
-    except yaml.YAMLError as err:
-        raise raises([f"{source.label}: YAML error: {err}"]) from err
+        try:
+            return loader.construct_document(node)
+        except (ValueError, TypeError) as err:  # a 5000-digit integer, a date like 2024-13-45
+            raise raises([f"{source.label}:{bad_scalar_line(node)}: a value Python "
+                          f"cannot hold ({err}); quote it if it is meant as text"]) from err
     finally:
         loader.dispose()
 
@@ -330,10 +397,31 @@ def _assign(data: Any, path: Loc, value: Any) -> None:
             raise ValueError(f"{where} has no place for {part!r} ({json_kind(node)})")
 
 
+def bad_scalar_line(root) -> int:
+    """The line of the first scalar under `root` that PyYAML cannot construct."""
+    todo = [root]
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, yaml.ScalarNode):
+            try:  # a fresh loader: a failed construction leaves the old one's state dirty
+                yaml.SafeLoader("").construct_object(node)
+            except (ValueError, TypeError):
+                return node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+        elif isinstance(node, yaml.MappingNode):
+            todo += [part for pair in node.value for part in pair]
+    return 1
+
+
 def record_lines(node, at: Loc, lines: dict, problems: list, seen=None) -> None:
     """Map field paths to 1-based lines; report duplicate keys (PyYAML keeps the last)."""
     seen = set() if seen is None else seen
     lines.setdefault(at, node.start_mark.line + 1)
+    if len(at) > MAX_YAML_DEPTH:
+        problems.append((node.start_mark.line + 1, f"{field_name(at)}: nested deeper than "
+                                                   f"{MAX_YAML_DEPTH} levels"))
+        return
     if id(node) in seen:  # an alias: its fields were recorded where the anchor is
         return
     seen.add(id(node))

@@ -140,7 +140,7 @@ class Driver:
         self.ran = 0
         self.started = time.monotonic()
         self._errors: dict[str, str] = {}  # job id -> why it failed, for dependants' messages
-        self._images: OrderedDict[str, Any] = OrderedDict()
+        self._images: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._unfinished = sum(1 for state in self.status.values() if state == "pending")
         self.progress = progress or Progress(enabled=False)
         self.progress.start(plan_jobs, self.status)
@@ -232,7 +232,7 @@ class Driver:
         for job_id in job_ids:
             job = self.jobs[job_id]
             try:
-                own = {ref.key: self._image(ref) for ref in needed_refs(job)}
+                own = {ref.key: self._image(ref, job.max_input_side) for ref in needed_refs(job)}
             except Exception as exc:
                 self._finish(job, failed_result(job, exc))
                 continue
@@ -247,18 +247,22 @@ class Driver:
         earlier = {job.id: self.earlier[job.id] for job in jobs if job.id in self.earlier}
         return MicroBatch(jobs, images, earlier)
 
-    def _image(self, ref: ImageRef):
-        if ref.key in self._images:
-            self._images.move_to_end(ref.key)
-            return self._images[ref.key]
+    def _image(self, ref: ImageRef, max_side: int):
+        """An input as the model will use it: shrunk as it is read, so a huge file is never
+        held (or cached) at full size."""
+        cached = (ref.key, max_side)
+        if cached in self._images:
+            self._images.move_to_end(cached)
+            return self._images[cached]
         if ref.job_id:
             image = self.store.kept_image(ref.job_id)
             if image is None:
                 raise LookupError(f"job {ref.job_id} has no kept image in {self.store.run_dir}")
         else:
-            from ..images import load_rgb  # the recipe helper's loader: EXIF, modes, errors
-            image = load_rgb(ref.path)
-        self._images[ref.key] = image
+            from ..images import load_for_model  # EXIF, modes, bombs, errors
+
+            image = load_for_model(ref.path, max_side)
+        self._images[cached] = image
         if len(self._images) > IMAGE_CACHE_SIZE:
             self._images.popitem(last=False)
         return image
