@@ -91,7 +91,10 @@ def connect_reader(run_dir: Path) -> sqlite3.Connection:
 def _create(files: RunFiles) -> None:
     """Build an empty manifest under a temp name and rename it into place."""
     for side in SIDE_FILES:  # a WAL left by a manifest moved aside must not replay into this one
-        if files.stat(side) is not None:
+        st = files.stat(side)
+        if st is not None and (side.endswith("-shm") or st.st_size == 0):
+            files.remove(side)  # SQLite's index of a WAL, or an empty WAL: nothing to keep
+        elif st is not None:
             files.set_aside(side)
     temp = files.temp_name(MANIFEST)
     try:

@@ -89,6 +89,7 @@ class RunStore(StoreCore):
         for job_id, image in back:
             self._move_job_files(job_id, image, False, folders)
         self._files.sync(folders)
+        self._files.remove_empty_folders({f for f in folders if f.startswith(ASIDE)})
         with self._transaction():
             self._conn.executemany(
                 "UPDATE jobs SET prev_status=status, status=?, image=? WHERE id=?",
