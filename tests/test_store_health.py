@@ -156,8 +156,12 @@ def test_a_sqlite_file_that_is_not_our_manifest_is_refused(tmp_path):
 
     with sqlite3.connect(tmp_path / "manifest.sqlite") as conn:
         conn.execute("CREATE TABLE photos(name TEXT)")
-    with pytest.raises(ManifestDamaged, match="not a manifest"):
+    before = snapshot(tmp_path)
+    with pytest.raises(NotARunDir, match="something else"):
         RunStore.open(tmp_path)
+    assert snapshot(tmp_path) == before  # no .lock left, no -wal/-shm made
+    with pytest.raises(NotARunDir, match="something else"):
+        RunStore.open(tmp_path, readonly=True)
 
 
 # ------------------------------------------------------------------------- links

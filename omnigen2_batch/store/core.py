@@ -24,7 +24,7 @@ from PIL import Image
 from .. import __version__
 from ..jobs import STATUSES, Attempt, Job, JobResult
 from .errors import OtherRecipe, StoreError, StoreFull
-from .files import FileRecord, RunFiles, sha256
+from .files import LOCK_FILE, FileRecord, RunFiles, sha256
 from .manifest import MANIFEST, connect_reader, connect_writer
 from .png import chunk_job_id, encode_png
 
@@ -59,13 +59,15 @@ class StoreCore:
             conn = connect_reader(run_dir)
             return cls(run_dir, conn, RunFiles(run_dir), None)
         files = RunFiles.create(run_dir)
-        lock_fd = None
+        lock_fd = made_lock = None
         try:
             files.check_owned(MANIFEST)  # before the lock: an unrelated folder gets no .lock
-            lock_fd = files.take_lock()
+            lock_fd, made_lock = files.take_lock()
             files.sweep_temp_files()
             store = cls(run_dir, connect_writer(files), files, lock_fd)
         except BaseException:
+            if made_lock:
+                files.remove(LOCK_FILE)  # a folder refused (e.g. a foreign manifest) stays as it was
             if lock_fd is not None:
                 os.close(lock_fd)
             files.close()

@@ -286,10 +286,15 @@ class RunFiles:
                          f"holds other files (e.g. {example!r}); nothing in it was touched. "
                          "Pass a new or empty folder as --out")
 
-    def take_lock(self) -> int:
-        """The writer lock: an flock on .lock (a link or a hard-linked file is refused)."""
+    def take_lock(self) -> tuple[int, bool]:
+        """The writer lock: an flock on .lock (a link or a hard-linked file is refused).
+        Returns the descriptor and whether .lock was made now (so a refusal can remove it)."""
+        flags = os.O_RDWR | os.O_NOFOLLOW
         try:
-            fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644, dir_fd=self.fd)
+            try:
+                fd, made = os.open(LOCK_FILE, flags | os.O_CREAT | os.O_EXCL, 0o644, dir_fd=self.fd), True
+            except FileExistsError:
+                fd, made = os.open(LOCK_FILE, flags, dir_fd=self.fd), False
         except OSError as exc:
             raise self.error(exc, LOCK_FILE) from exc
         try:
@@ -308,7 +313,7 @@ class RunFiles:
             os.write(fd, str(os.getpid()).encode())
         except OSError:
             pass  # the pid is only a hint in RunLocked's message; a full disk must not stop here
-        return fd
+        return fd, made
 
     def refuse_shared_inode(self, fd: int, rel: str) -> None:
         """A hard link shares its file with a path outside the run dir: writing it writes there."""

@@ -44,9 +44,15 @@ def connect_writer(files: RunFiles) -> sqlite3.Connection:
         _refuse_link(files, name)  # SQLite follows links; we must not
     path = files.run_dir / MANIFEST
     _check_header(files, path)
+    # Checked through an immutable connection first: it makes no -wal/-shm, so a damaged or
+    # foreign file (and its folder) stays exactly as it was; safe because we hold the lock.
+    check = sqlite3.connect(_uri(path) + "?immutable=1", uri=True)
+    try:
+        _check_contents(check, path)
+    finally:
+        check.close()
     conn = sqlite3.connect(os.fsencode(path), isolation_level=None)
     try:
-        _check_contents(conn, path)  # before any write: a damaged file is left exactly as it is
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
         _add_missing_columns(conn)
@@ -67,11 +73,12 @@ def connect_reader(run_dir: Path) -> sqlite3.Connection:
                          "pass the --out folder of a run")
     files = RunFiles(run_dir)
     try:
-        _refuse_link(files, MANIFEST)
+        for name in (MANIFEST, *SIDE_FILES):
+            _refuse_link(files, name)  # a reader's SQLite may write the -shm index
         _check_header(files, path)
     finally:
         files.close()
-    uri = "file:" + urllib.parse.quote(os.fsencode(path))  # bytes: a non-UTF-8 path works too
+    uri = _uri(path)
     # immutable=1 only when mode=ro cannot open: a read-only folder cannot hold the WAL index,
     # and in a read-only folder no writer can be changing the manifest under us.
     for mode in ("mode=ro", "immutable=1"):
@@ -86,6 +93,10 @@ def connect_reader(run_dir: Path) -> sqlite3.Connection:
             conn.close()
             raise
     raise StoreError(f"cannot read {path}: {error}")
+
+
+def _uri(path: Path) -> str:
+    return "file:" + urllib.parse.quote(os.fsencode(path))  # bytes: a non-UTF-8 path works too
 
 
 def _create(files: RunFiles) -> None:
@@ -141,7 +152,9 @@ def _check_contents(conn: sqlite3.Connection, path: Path) -> None:
     if verdict != ["ok"]:
         raise _damaged(path, f"SQLite integrity check: {verdict[0]}")
     if "jobs" not in tables:
-        raise _damaged(path, "it has no jobs table: it is not a manifest of omnigen2-batch")
+        raise NotARunDir(f"{path.parent} is not a run directory: its {MANIFEST} is a SQLite "
+                         "database of something else (it has no jobs table); nothing in it was "
+                         "touched. Pass a new or empty folder as --out")
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:
