@@ -19,7 +19,7 @@ from PIL import Image
 
 from omnigen2_batch.jobs import Scoring
 from omnigen2_batch.store import (SET_ASIDE, TEMP_PREFIX, ManifestDamaged, NotARunDir,
-                                  OtherRecipe, RunStore, StoreError, StoreFull, UnsafePath)
+                                  OtherRecipe, RunStore, StoreError, UnsafePath)
 from test_store import make_job, result_for
 
 ROOT = Path(__file__).parents[1]
