@@ -363,6 +363,20 @@ def _status_table(run_dir: str, counts: dict, meta: dict) -> str:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
+@json_option
+def prune(run_dir: str, as_json: bool) -> Reply:
+    """Delete the work of jobs the recipe no longer has (set aside under superseded/ by `run`).
+    Only files the engine wrote and recorded are removed; nothing else is touched."""
+    from .store import RunStore
+
+    with RunStore.open(run_dir) as store:
+        pruned = store.prune()
+    return Reply(pruned, f"{run_dir}: deleted {pruned['jobs']} superseded jobs and "
+                         f"{len(pruned['removed'])} of their files")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--clip", "clip_model", help="open_clip model (default: the run's)")
 @click.option("--pretrained", help="open_clip pretrained tag or local weights file (default: the run's)")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 KINDS = ("t2i", "edit", "incontext")
-STATUSES = ("pending", "kept", "rejected", "failed")
+STATUSES = ("pending", "kept", "rejected", "failed", "superseded")  # superseded: no longer planned
 
 
 @dataclass(frozen=True)

@@ -40,32 +40,34 @@ def mean(values: Iterable[float | None]) -> float | None:
 
 # -- re-judging recorded scores (every run, before anything is generated) ------------------------
 def redecide(store: RunStore, jobs: Iterable[Job]) -> tuple[int, dict[str, list[Attempt]]]:
-    """Re-judge the finished jobs of the plan with their current thresholds, from the scores
-    on record: no image is generated or scored. Returns (how many decisions changed, the
-    attempts of jobs that now fail but have attempts left: they climb on from there)."""
+    """Re-judge the plan's finished jobs with their current thresholds, from the scores on
+    record: nothing is generated or scored. Returns (how many decisions changed, the attempts
+    of jobs that were kept but now fail with attempts left: they climb on from there)."""
+    by_id = {job.id: job for job in jobs}
     changed, resume = 0, {}
-    rows = {row["id"]: row for row in store.jobs() if row["status"] in FINAL and row["image"]}
-    for job in jobs:
-        row = rows.get(job.id)
-        if row is None or not row["scored"]:
-            continue
-        attempts = _recorded_attempts(store, job.id)
-        flags = [(a.passed, a.failed_metrics) for a in attempts]
+    for stored in store.finished(by_id):
+        job = by_id[stored.job.id]
+        if not any(a.scores for a in stored.attempts):
+            continue  # made unscored (--no-score): nothing to judge
+        verdicts = {a.n: judge(a.scores, job.scoring.thresholds) for a in stored.attempts
+                    if a.scores}
+        attempts = [a.to_attempt() for a in stored.attempts]
         for attempt in attempts:
-            if attempt.scores:
-                attempt.passed, attempt.failed_metrics = judge(attempt.scores, job.scoring.thresholds)
-        at_hand = [i for i, a in enumerate(attempts) if a.n == row["best"]]
-        if not at_hand:
-            continue
+            attempt.passed, attempt.failed_metrics = verdicts.get(attempt.n, (False, ()))
+        at_hand = [i for i, a in enumerate(stored.attempts) if a.n == stored.best or a.image]
         status, best = decide(attempts, job.scoring.thresholds, made=at_hand)
-        attempts[best].image = load_rgb(store.run_dir / row["image"])
-        spent = sum(1 for a in attempts if not a.params.get("skipped"))
-        if status == "rejected" and spent < job.max_attempts:
-            resume[job.id] = attempts
-        elif status != row["status"] or flags != [(a.passed, a.failed_metrics) for a in attempts]:
-            store.commit(job, JobResult(job.id, status, attempts, best, row["error"] or ""))
-            changed += status != row["status"]
+        if stored.status == "kept" and status == "rejected" and _budget_left(job, attempts):
+            attempts[best].image = store.kept_image(job.id)
+            if attempts[best].image is not None:
+                resume[job.id] = attempts
+                continue
+        if store.redecide(job, status, attempts[best].n, verdicts):
+            changed += status != stored.status
     return changed, resume
+
+
+def _budget_left(job: Job, attempts: list[Attempt]) -> bool:
+    return sum(1 for a in attempts if not a.params.get("skipped")) < job.max_attempts
 
 
 def _recorded_attempts(store: RunStore, job_id: str) -> list[Attempt]:
@@ -123,7 +125,12 @@ def rescore_run(run_dir, scorer: "ClipScorer", chunk_size: int = 64) -> dict:
     with RunStore.open(run_dir) as store:
         rows = store.jobs()
         paths = {row["id"]: row["image"] for row in rows if row["image"]}
-        todo = [row for row in rows if row["status"] in FINAL and row["image"]]
+        changed_files = {p.job_id: p for p in store.verify_files()}
+        summary["skipped"] += [{"job": p.job_id, "error": f"{p.path} was {p.problem} since it "
+                                "was made; `run` the recipe again to make it anew"}
+                               for p in changed_files.values()]
+        todo = [row for row in rows if row["status"] in FINAL and row["image"]
+                and row["id"] not in changed_files]
         for start in range(0, len(todo), chunk_size):
             for row, job, result in _rescore_chunk(store, todo[start:start + chunk_size],
                                                    paths, scorer, summary):

@@ -38,13 +38,15 @@ def execute(plan: Plan, config: RunConfig, out: str | Path, *, recipe_text: str,
     Raises UserError for a directory that is not this recipe's (or is in use) and
     UnavailableError when no worker can start; a job's failure is recorded, not raised.
     """
-    with RunStore.open(out) as store, _debug_log(store.run_dir):
+    with RunStore.open(out, recipe_name=plan.name, recipe_origin=recipe_origin) as store, \
+            _debug_log(store.run_dir):
         store.save_recipe(recipe_text)
-        store.set_meta("recipe_name", plan.name)
         store.set_meta("model", config.model)
         store.set_meta("config", config.to_dict())
+        superseded = store.supersede(job.id for job in plan.jobs)
         store.add_jobs(plan.jobs)
-        superseded = 0
+        store.update_scoring(plan.jobs)
+        _reopen_changed_files(store)
         redecided, earlier = redecide(store, plan.jobs)
         with stop_on_signals() as stop:
             summary = run_jobs(plan.jobs, store, config, progress=progress, earlier=earlier,
@@ -55,6 +57,17 @@ def execute(plan: Plan, config: RunConfig, out: str | Path, *, recipe_text: str,
         if not stop.abandon:  # a scheduler's grace period is short; the next run writes it
             _refresh_report(store)
     return summary
+
+
+def _reopen_changed_files(store: RunStore) -> None:
+    """A kept or rejected image deleted or replaced by hand is made again; a replaced one is
+    moved aside under modified/ first (never written into, never deleted)."""
+    problems = store.verify_files()
+    moved = store.reopen(p.job_id for p in problems)
+    for problem in problems:
+        log.warning("%s was %s since it was made; its job runs again", problem.path, problem.problem)
+    for path in moved:
+        log.warning("the file found there was moved to %s", path)
 
 
 def run_jobs(jobs: list, store: RunStore, config: RunConfig, *, progress: Progress | None = None,

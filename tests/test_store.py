@@ -196,15 +196,22 @@ def test_readonly_open_of_a_missing_run(tmp_path):
 
 
 def test_stale_temp_files_are_swept_on_open(tmp_path):
+    """Only our exact temp names (pid, writer token, final name) in the folders the store makes."""
     run = tmp_path / "run"
     RunStore.open(run).close()
-    stale = run / "kept" / "prompts" / f"{TEMP_PREFIX}999-fox-12345678.png"
+    stale = run / "kept" / "prompts" / f"{TEMP_PREFIX}999-0123abcd-fox-12345678.png"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"\x89PNG half")
+    not_ours = [stale.with_name(f"{TEMP_PREFIX}999-fox-12345678.png"), run / f"{TEMP_PREFIX}notes",
+                run / "thumbs" / stale.name, run / f"{TEMP_PREFIX}999-0123abcd-mine.txt"]
+    for path in not_ours:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"someone else's")
     RunStore.open(run, readonly=True).close()
     assert stale.exists()  # readers never delete
     RunStore.open(run).close()
     assert not stale.exists()
+    assert all(path.read_bytes() == b"someone else's" for path in not_ours)
 
 
 def test_unchanged_recipe_and_meta_do_not_touch_the_manifest(store):

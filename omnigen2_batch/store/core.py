@@ -1,105 +1,103 @@
-"""The run directory: images on disk plus the SQLite manifest that says what each one is.
+"""RunStore: open a run directory, record jobs and results, read them back.
 
 Crash safety rests on one order of events: every file is written to a temp name in its final
 folder, fsynced and renamed, and only then does the manifest row commit. A crash at any point
 leaves either no row (the job runs again and rewrites the same file) or a row whose file exists.
 Stale temp files of a killed run are swept when the next writer opens the directory.
-
-No torch here: `status` and `report` read the manifest through this module in well under a second.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import re
 import sqlite3
+import stat
 import time
-import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
-from . import __version__
-from .errors import EXIT_UNAVAILABLE, UserError
-from .jobs import STATUSES, Attempt, Job, JobResult
+from .. import __version__
+from ..jobs import STATUSES, Attempt, Job, JobResult
+from .errors import OtherRecipe, StoreError, StoreFull
+from .files import LOCK_FILE, FileRecord, RunFiles, sha256
+from .manifest import MANIFEST, connect_reader, connect_writer
+from .png import chunk_job_id, encode_png
 
-MANIFEST = "manifest.sqlite"
-LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.yaml"
-TEMP_PREFIX = ".tmp-"  # temp files are ".tmp-<pid>-<final name>" beside their final name
 FINAL = ("kept", "rejected")  # a job in one of these states is never run again
-TINY_NOTE = "made by the random-weight tiny model: this image is noise, not a real OmniGen2 output"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS jobs(
-    id TEXT PRIMARY KEY, section TEXT, name TEXT, kind TEXT, lang TEXT, job TEXT, depends_on TEXT,
-    status TEXT, image TEXT, best INT, error TEXT, n_attempts INT, seconds REAL, scored INT,
-    finished REAL, ord INT);
-CREATE TABLE IF NOT EXISTS attempts(
-    job_id TEXT, n INT, seed INT, strategy TEXT, reason TEXT, params TEXT, scores TEXT, passed INT,
-    failed_metrics TEXT, seconds REAL, image TEXT, finished REAL, PRIMARY KEY(job_id, n));
-CREATE TABLE IF NOT EXISTS pairs(
-    pair TEXT PRIMARY KEY, en_job TEXT, zh_job TEXT, similarity REAL, text_gap REAL);
-"""
+SUPERSEDED = "superseded"  # a job the current recipe no longer plans; its files are set aside
+LIVE = tuple(s for s in STATUSES if s != SUPERSEDED)  # the states `status` counts
 
 
-class StoreError(UserError):
-    """The run directory cannot be used; the message says why and what to do."""
+class StoreCore:
+    """Opening, recording and reading a run directory; upkeep.RunStore adds the work that keeps
+    it true to the current recipe. Writers hold an exclusive lock; readers take none."""
 
-
-class RunLocked(StoreError):
-    """Another process is writing to the run directory."""
-
-
-class StoreFull(StoreError):
-    """The disk filled up while writing; nothing partial was left behind."""
-
-    exit_code = EXIT_UNAVAILABLE  # when it ends a command; within a run it ends the run (exit 1)
-
-
-class RunStore:
-    """One run directory. Writers hold an exclusive lock; readers (status, report) take none."""
-
-    def __init__(self, run_dir: Path, conn: sqlite3.Connection, lock_fd: int | None):
+    def __init__(self, run_dir: Path, conn: sqlite3.Connection, files: RunFiles | None,
+                 lock_fd: int | None):
         self.run_dir = run_dir
         self.readonly = lock_fd is None
         self._conn = conn
+        self._files = files
         self._lock_fd = lock_fd
 
     # ----------------------------------------------------------------------------- opening
     @classmethod
-    def open(cls, run_dir: str | os.PathLike, readonly: bool = False) -> "RunStore":
+    def open(cls, run_dir: str | os.PathLike, readonly: bool = False, *,
+             recipe_name: str | None = None, recipe_origin: str | None = None) -> "StoreCore":
+        """Open RUN_DIR. A writer (readonly=False) makes it when missing, refuses a folder that
+        holds something else, a damaged manifest, links, and a run dir of another recipe (when
+        recipe_name/recipe_origin are given: the recipe's `name` and its file name), then takes
+        the lock and sweeps stale temp files. Readers take no lock and write nothing."""
         run_dir = Path(run_dir).resolve()
         if readonly:
-            return cls(run_dir, _connect_readonly(run_dir), None)
+            conn = connect_reader(run_dir)
+            return cls(run_dir, conn, RunFiles(run_dir), None)
+        files = RunFiles.create(run_dir)
+        lock_fd = made_lock = None
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StoreError(f"cannot create run dir {run_dir}: {exc.strerror}; "
-                             "pass a writable --out folder") from exc
-        lock_fd = _take_lock(run_dir)
-        try:
-            _sweep_temp_files(run_dir)
-            conn = sqlite3.connect(run_dir / MANIFEST, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives process crashes
-            conn.executescript(SCHEMA)
+            files.check_owned(MANIFEST)  # before the lock: an unrelated folder gets no .lock
+            lock_fd, made_lock = files.take_lock()
+            files.sweep_temp_files()
+            store = cls(run_dir, connect_writer(files), files, lock_fd)
         except BaseException:
-            os.close(lock_fd)
+            if made_lock:
+                files.remove(LOCK_FILE)  # a folder refused (e.g. a foreign manifest) stays as it was
+            if lock_fd is not None:
+                os.close(lock_fd)
+            files.close()
             raise
-        store = cls(run_dir, conn, lock_fd)
-        if store.get_meta("created") is None:
-            store.set_meta("created", f"{time.time():.3f}")
-            store.set_meta("version", __version__)
+        try:
+            store.claim(recipe_name, recipe_origin)
+            if store.get_meta("created") is None:
+                store.set_meta("created", f"{time.time():.3f}")
+                store.set_meta("version", __version__)
+        except BaseException:
+            store.close()
+            raise
         return store
+
+    def claim(self, recipe_name: str | None, recipe_origin: str | None) -> None:
+        """Record which recipe this run dir holds, or refuse another one. Identity is the
+        recipe's `name` and its file name (origin, e.g. "quickstart.yaml"); a value the manifest
+        does not have yet (an older run dir) is adopted."""
+        origin = os.path.basename(recipe_origin) if recipe_origin else None
+        mine = {"recipe_name": recipe_name, "recipe_origin": origin}
+        held = {key: self.get_meta(key) for key in mine}
+        if any(mine[k] and held[k] and mine[k] != held[k] for k in mine):
+            raise OtherRecipe(
+                f"{self.run_dir} holds the run of recipe {held['recipe_name'] or '?'!r} "
+                f"({held['recipe_origin'] or 'file name not recorded'}), not of recipe "
+                f"{recipe_name or '?'!r} ({origin or '?'}); one run dir holds one recipe. "
+                f"Choose another --out, or delete {self.run_dir} yourself to replace that run")
+        for key, value in mine.items():
+            if value:
+                self.set_meta(key, value)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -108,8 +106,11 @@ class RunStore:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
+        if self._files is not None:
+            self._files.close()
+            self._files = None
 
-    def __enter__(self) -> "RunStore":
+    def __enter__(self) -> "StoreCore":
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -140,28 +141,24 @@ class RunStore:
 
     # ----------------------------------------------------------------------------- jobs
     def add_jobs(self, jobs: Iterable[Job]) -> int:
-        """Insert new jobs as pending, in plan order; rows that exist stay as they are.
-
-        Returns how many were new. A changed recipe therefore only adds jobs: finished work
-        keyed by an unchanged id is reused.
-        """
+        """Insert new jobs as pending, in plan order; rows that exist stay as they are
+        (update_scoring brings their scoring up to date). Returns how many were new."""
         known = {row[0] for row in self._conn.execute("SELECT id FROM jobs")}
-        rows = [(job.id, job.section, job.name, job.kind, job.lang,
-                 json.dumps(job.to_dict(), ensure_ascii=False), json.dumps(list(job.depends_on)),
-                 "pending", 0, 0.0, 0, order)
+        rows = [(*_job_columns(job, order), "pending", 0, 0.0, 0)
                 for order, job in enumerate(jobs) if job.id not in known]  # skip encoding known
         if not rows:
             return 0
         with self._transaction():
             before = self._conn.total_changes
             self._conn.executemany(
-                "INSERT OR IGNORE INTO jobs(id, section, name, kind, lang, job, depends_on, status,"
-                " n_attempts, seconds, scored, ord) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "INSERT OR IGNORE INTO jobs(id, section, name, kind, lang, job, depends_on, ord,"
+                " status, n_attempts, seconds, scored) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
             return self._conn.total_changes - before
 
     def statuses(self) -> dict[str, str]:
-        """Job id -> status, for every job the manifest knows."""
-        return dict(self._conn.execute("SELECT id, status FROM jobs"))
+        """Job id -> status, for every job the current recipe plans (superseded ones left out)."""
+        return dict(self._conn.execute("SELECT id, status FROM jobs WHERE status != ?",
+                                       (SUPERSEDED,)))
 
     def done_ids(self) -> set[str]:
         """Ids of jobs that are final (kept or rejected); failed and pending ones run again."""
@@ -172,9 +169,10 @@ class RunStore:
         done = self.done_ids()
         return [job for job in jobs if job.id not in done]
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self, include_superseded: bool = False) -> list[dict[str, Any]]:
         """Every job row in plan order, with `job` and `depends_on` decoded."""
-        cursor = self._conn.execute("SELECT * FROM jobs ORDER BY ord, id")
+        where = "" if include_superseded else f"WHERE status != '{SUPERSEDED}'"
+        cursor = self._conn.execute(f"SELECT * FROM jobs {where} ORDER BY ord, id")
         return [_decode(row, cursor, ("job", "depends_on")) for row in cursor.fetchall()]
 
     def attempts(self, job_id: str) -> list[dict[str, Any]]:
@@ -183,14 +181,20 @@ class RunStore:
                 for row in cursor.fetchall()]
 
     def counts(self) -> dict[str, Any]:
-        """{"total": n, "status": {status: n}, "sections": {section: {status: n}}}."""
-        status = dict.fromkeys(STATUSES, 0)
+        """{"total": n, "status": {status: n}, "sections": {section: {status: n}},
+        "superseded": n}: superseded jobs are counted apart, not in total or the states."""
+        status = dict.fromkeys(LIVE, 0)
         sections: dict[str, dict[str, int]] = {}
+        superseded = 0
         for section, state, n in self._conn.execute(
                 "SELECT section, status, COUNT(*) FROM jobs GROUP BY section, status ORDER BY section"):
+            if state == SUPERSEDED:
+                superseded += n
+                continue
             status[state] = status.get(state, 0) + n
-            sections.setdefault(section, dict.fromkeys(STATUSES, 0))[state] = n
-        return {"total": sum(status.values()), "status": status, "sections": sections}
+            sections.setdefault(section, dict.fromkeys(LIVE, 0))[state] = n
+        return {"total": sum(status.values()), "status": status, "sections": sections,
+                "superseded": superseded}
 
     def state_digest(self) -> str:
         """A fingerprint of every job's outcome and of the pairs: equal digests mean a report
@@ -203,11 +207,15 @@ class RunStore:
         return digest.hexdigest()
 
     def kept_image(self, job_id: str) -> Image.Image | None:
-        """The kept image of a job as RGB, or None when the job has no kept image (yet)."""
+        """The kept image of a job as RGB; None when the job has no kept image, or when its file
+        is missing or no longer the one the store wrote (verify_files says which)."""
         row = self._conn.execute("SELECT status, image FROM jobs WHERE id=?", (job_id,)).fetchone()
         if row is None or row[0] != "kept" or not row[1]:
             return None
-        with Image.open(self.run_dir / row[1]) as image:
+        data = self._own_bytes(row[1], job_id, self._record(job_id))
+        if data is None:
+            return None
+        with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
 
     # ----------------------------------------------------------------------------- pairs
@@ -230,9 +238,12 @@ class RunStore:
 
     # ----------------------------------------------------------------------------- results
     def commit(self, job: Job, result: JobResult, *, keep_attempts: bool = False) -> None:
-        """Write a job's images, then record it. Raises StoreFull when the disk is full."""
+        """Write a job's images, then record it. Raises StoreFull when the disk is full.
+        A file found where an image goes that the store did not write is set aside first."""
         files, image_path, attempt_paths = self._result_files(job, result, keep_attempts)
-        self._write_files(files)
+        before = self._image_of(job.id)
+        self._clear_way(job.id, [rel for rel, _ in files], before)
+        written = self._write_files(files)
         best_n = None if result.best is None else result.attempts[result.best].n  # made the image
         now = time.time()
         attempts = [_attempt_row(job.id, a, attempt_paths.get(a.n), now) for a in result.attempts]
@@ -240,15 +251,16 @@ class RunStore:
             self._insert_if_missing(job)
             self._conn.execute(
                 "UPDATE jobs SET status=?, image=?, best=?, error=?, n_attempts=?, seconds=?,"
-                " scored=?, finished=? WHERE id=?",
+                " scored=?, finished=?, prev_status=NULL WHERE id=?",
                 (result.status, image_path, best_n, result.error or None, len(result.attempts),
                  sum(a.seconds for a in result.attempts),
                  int(any(a.scores for a in result.attempts)), now, job.id))
+            self._set_record(job.id, written.get(image_path) if written else None)
             self._conn.execute("DELETE FROM attempts WHERE job_id=?", (job.id,))
             self._conn.executemany(
                 "INSERT INTO attempts VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
         # Only now: a crash before the rows commit must leave the old row's file in place.
-        self._remove_orphan(job, result.status)
+        self._clear_leftovers(job, image_path, before)
 
     def _insert_if_missing(self, job: Job) -> None:
         """A committed job always has a row, even if the caller skipped add_jobs."""
@@ -256,11 +268,9 @@ class RunStore:
             return  # the usual case; the MAX(ord) below scans the table
         (last,) = self._conn.execute("SELECT COALESCE(MAX(ord), -1) FROM jobs").fetchone()
         self._conn.execute(
-            "INSERT INTO jobs(id, section, name, kind, lang, job, depends_on, status, n_attempts,"
-            " seconds, scored, ord) VALUES(?,?,?,?,?,?,?,'pending',0,0,0,?)",
-            (job.id, job.section, job.name, job.kind, job.lang,
-             json.dumps(job.to_dict(), ensure_ascii=False), json.dumps(list(job.depends_on)),
-             last + 1))
+            "INSERT INTO jobs(id, section, name, kind, lang, job, depends_on, ord, status,"
+            " n_attempts, seconds, scored) VALUES(?,?,?,?,?,?,?,?,'pending',0,0,0)",
+            _job_columns(job, last + 1))
 
     def image_path(self, job: Job, status: str) -> str:
         """Where a kept or rejected job's image lives, relative to the run dir."""
@@ -283,34 +293,66 @@ class RunStore:
                                   encode_png(attempt.image, job, attempt, "attempt")))
         return files, image_path, attempt_paths
 
-    def _remove_orphan(self, job: Job, status: str) -> None:
-        """The file at the other final location: left over from a crash in an earlier run, or
-        the old place of a result that `score` moved between kept/ and rejected/."""
-        for other in FINAL:
-            if other != status:
-                (self.run_dir / self.image_path(job, other)).unlink(missing_ok=True)
-
-    def _write_files(self, files: list[tuple[str, bytes]]) -> None:
-        """Write all files to temp names, then rename them all: none or all become visible
-        (short of a crash between renames, which leaves only complete files behind)."""
+    def _write_files(self, files: list[tuple[str, bytes]]) -> dict[str, FileRecord]:
         self._require_writer()
-        temps: list[tuple[Path, Path]] = []
-        for rel, data in files:
-            final = self.run_dir / rel
-            temp = final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{final.name}")
-            try:
-                final.parent.mkdir(parents=True, exist_ok=True)
-                temps.append((temp, final))
-                _write_synced(temp, data)
-            except OSError as exc:
-                for written, _ in temps:
-                    written.unlink(missing_ok=True)
-                raise _store_error(exc, final, self.run_dir) from exc
-        for temp, final in temps:
-            os.replace(temp, final)
-        for folder in {final.parent for _, final in temps}:
-            _fsync_dir(folder)
+        return self._files.write(files)
 
+    # ----------------------------------------------------------------------------- ownership
+    def _image_of(self, job_id: str) -> tuple[str | None, FileRecord | None]:
+        row = self._conn.execute("SELECT image FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return (row[0] if row else None), self._record(job_id)
+
+    def _record(self, job_id: str) -> FileRecord | None:
+        try:
+            row = self._conn.execute("SELECT sha256, size, mtime_ns FROM jobs WHERE id=?",
+                                     (job_id,)).fetchone()
+        except sqlite3.OperationalError:  # a reader of a manifest older than these columns
+            return None
+        return FileRecord(*row) if row and row[0] else None
+
+    def _set_record(self, job_id: str, record: FileRecord | None) -> None:
+        values = (record.sha256, record.size, record.mtime_ns) if record else (None, None, None)
+        self._conn.execute("UPDATE jobs SET sha256=?, size=?, mtime_ns=? WHERE id=?",
+                           (*values, job_id))
+
+    def _own_bytes(self, rel: str, job_id: str, record: FileRecord | None) -> bytes | None:
+        """The bytes of `rel` when it is the file the store wrote for `job_id`, else None.
+        With a record: its size+mtime, else its hash must match. Without one (a crash between
+        rename and row, or an older run dir): our PNG chunk must name the job."""
+        st = self._files.stat(rel)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            return None
+        data = self._files.read(rel)
+        if record:
+            return data if record.same_stat(st) or sha256(data) == record.sha256 else None
+        return data if chunk_job_id(data) == job_id else None
+
+    def _clear_way(self, job_id: str, targets: list[str],
+                   before: tuple[str | None, FileRecord | None]) -> None:
+        """Set aside each file at a target path that the store did not write for this job."""
+        for rel in targets:
+            if self._files.stat(rel) is None:
+                continue  # the usual case: one stat
+            record = before[1] if rel == before[0] else None
+            if self._own_bytes(rel, job_id, record) is None:
+                self._files.set_aside(rel)
+
+    def _clear_leftovers(self, job: Job, image_path: str | None,
+                         before: tuple[str | None, FileRecord | None]) -> None:
+        """After a commit: the job's earlier image (moved between kept/ and rejected/, or
+        renamed) and a crash's leftover at the other final place go; a foreign file there is
+        set aside instead, so kept/ and rejected/ hold only what the manifest lists."""
+        spots = {before[0]} | {self.image_path(job, s) for s in FINAL}
+        for rel in spots - {image_path, None}:
+            if self._files.stat(rel) is None:
+                continue
+            record = before[1] if rel == before[0] else None
+            if self._own_bytes(rel, job.id, record) is not None:
+                self._files.remove(rel)
+            else:
+                self._files.set_aside(rel)
+
+    # ----------------------------------------------------------------------------- plumbing
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         self._require_writer()
@@ -326,125 +368,18 @@ class RunStore:
             if "full" in str(exc).lower():
                 raise StoreFull(f"the disk under {self.run_dir} is full (manifest: {exc}); free "
                                 "space and run again: finished jobs are kept") from exc
-            raise
+            raise StoreError(f"cannot write {self.run_dir / MANIFEST}: {exc}") from exc
 
     def _require_writer(self) -> None:
         if self.readonly:
             raise StoreError(f"{self.run_dir} was opened read-only")
 
 
-# --------------------------------------------------------------------------------- PNG metadata
-def encode_png(image: Image.Image, job: Job, attempt: Attempt, status: str) -> bytes:
-    """The PNG bytes of an output, with text chunks that say how it was made and judged."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", a1111_parameters(job, attempt))
-    info.add_text("omnigen2_batch", json.dumps(_chunk_record(job, attempt, status),
-                                               ensure_ascii=False, sort_keys=True))
-    info.add_text("Software", f"omnigen2-batch {__version__}")
-    if is_tiny(job.model):
-        info.add_text("Comment", TINY_NOTE)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
-def a1111_parameters(job: Job, attempt: Attempt) -> str:
-    """The `parameters` text other tools (A1111, ComfyUI readers, civitai) understand."""
-    params = attempt.params or {}
-    lines = [job.prompt]
-    if job.negative_prompt:
-        lines.append(f"Negative prompt: {job.negative_prompt}")
-    width, height = params.get("width", job.width), params.get("height", job.height)
-    low, high = params.get("cfg_range", job.cfg_range)
-    fields = [
-        ("Steps", params.get("steps", job.steps)),
-        ("Sampler", params.get("scheduler", job.scheduler)),
-        ("CFG scale", params.get("text_guidance", job.text_guidance)),
-        ("Image CFG scale", params.get("image_guidance", job.image_guidance)),
-        ("CFG range", f"{low}-{high}"),
-        ("Seed", attempt.seed),
-        ("Size", f"{width}x{height}"),
-        ("Model", job.model),
-        ("Strategy", attempt.strategy),
-    ]
-    if attempt.scores:
-        fields.append(("Scores", " ".join(f"{k}={v:.4f}" for k, v in sorted(attempt.scores.items()))))
-    if is_tiny(job.model):
-        fields.append(("Note", TINY_NOTE))
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
-    return "\n".join(lines)
-
-
-def _chunk_record(job: Job, attempt: Attempt, status: str) -> dict[str, Any]:
-    record = {"job_id": job.id, "section": job.section, "name": job.name, "status": status,
-              "lang": job.lang, "identity": job.identity(), "attempt": attempt.record(),
-              "version": __version__}
-    if is_tiny(job.model):
-        record["note"] = TINY_NOTE
-    return record
-
-
-def is_tiny(model: str) -> bool:
-    return model == "tiny"
-
-
 # --------------------------------------------------------------------------------- helpers
-def _connect_readonly(run_dir: Path) -> sqlite3.Connection:
-    path = run_dir / MANIFEST
-    if not path.is_file():
-        raise StoreError(f"{run_dir} is not a run directory (no {MANIFEST}); "
-                         "pass the --out folder of a run")
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
-    return sqlite3.connect(uri, uri=True, isolation_level=None)
-
-
-def _take_lock(run_dir: Path) -> int:
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise RunLocked(f"run dir {run_dir} is in use by pid {holder}; "
-                        "wait for it or use another --out") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
-
-
-def _sweep_temp_files(run_dir: Path) -> None:
-    """Remove temp files a killed writer left; safe because we hold the lock."""
-    for folder, _, names in os.walk(run_dir):
-        for name in names:
-            if name.startswith(TEMP_PREFIX):
-                os.unlink(os.path.join(folder, name))
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames durable, not just the file contents."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _store_error(exc: OSError, where: Path, run_dir: Path) -> StoreError:
-    if exc.errno in DISK_FULL:
-        return StoreFull(f"no space left on the device while writing {where}; free space under "
-                         f"{run_dir} and run again: finished jobs are kept")
-    return StoreError(f"cannot write {where}: {exc.strerror or exc}")
+def _job_columns(job: Job, order: int) -> tuple:
+    """id, section, name, kind, lang, job JSON, depends_on JSON, ord."""
+    return (job.id, job.section, job.name, job.kind, job.lang,
+            json.dumps(job.to_dict(), ensure_ascii=False), json.dumps(list(job.depends_on)), order)
 
 
 def _safe_name(text: str) -> str:
