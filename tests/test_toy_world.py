@@ -110,8 +110,9 @@ def test_captions_in_both_languages_differ_and_paraphrases_parse():
 def test_judge_accepts_rendered_ground_truth_in_both_languages():
     pairs = [(scene, text) for scene in SCENES for lang in LANGS for text in all_captions(scene, lang, "full")[:1]]
     assert accuracy(pairs, lambda p: judge_caption(render(p[0]), p[1]).ok) == 1.0
-    assert accuracy(SCENES, lambda s: scene_from_pixels(render(s)) == s or sorted(
-        scene_from_pixels(render(s)).objects, key=repr) == sorted(s.objects, key=repr)) == 1.0
+    read = [scene_from_pixels(render(s)) for s in SCENES[:60]]
+    assert all(r.background == s.background and sorted(r.objects, key=repr) == sorted(s.objects, key=repr)
+               for r, s in zip(read, SCENES))
 
 
 @pytest.mark.parametrize("perturb", [blurred, noisy, soft], ids=["blur", "noise", "vae-like"])
@@ -232,3 +233,20 @@ def test_character_judge_separates_same_from_different_identity():
             different += not expect
         assert identity_agreement(hero, hero) == 1.0 > identity_agreement(hero, other)
     assert same >= 50 and different >= 50
+
+
+def test_toy_package_imports_only_what_it_may():
+    """toy/ sits low in the layers: jobs, images and third-party libraries only."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"omnigen2_batch.jobs", "omnigen2_batch.images"}
+    for path in (Path(__file__).resolve().parents[1] / "omnigen2_batch" / "toy").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level >= 2:
+                raise AssertionError(f"{path.name}: relative import out of toy/ ({'.' * node.level}{node.module})")
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                if name.startswith("omnigen2_batch") and not name.startswith("omnigen2_batch.toy"):
+                    assert name in allowed, f"{path.name} imports {name}"
