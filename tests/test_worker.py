@@ -126,6 +126,51 @@ def test_consistency_scored_against_references(scorer):
     assert all(-1 <= a.scores["consistency_min"] <= 1 for a in result.attempts)
 
 
+# -- a contract every generator keeps ------------------------------------------------------------
+@pytest.fixture(params=["gradient", pytest.param("tiny-pipeline", marks=pytest.mark.slow)])
+def generator(request):
+    """Each generator the worker may drive: the model stand-in and the real tiny pipeline."""
+    if request.param == "gradient":
+        return GradientGenerator()
+    from omnigen2_batch.worker import build_worker
+
+    return build_worker(WorkerSettings(model="tiny", score=False)).generator
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=int)
+
+
+def assert_same_result(alone, batched) -> None:
+    """Same decisions, attempts and images; a batched matrix product may round differently from
+    a smaller one (one 8-bit level at most, as the pipeline tests pin), and only identical
+    pixels must give identical scores."""
+    assert (batched.status, batched.best, batched.error) == (alone.status, alone.best, alone.error)
+    assert [(a.n, a.seed, a.strategy) for a in batched.attempts] == \
+        [(a.n, a.seed, a.strategy) for a in alone.attempts]
+    for a, b in zip(alone.attempts, batched.attempts, strict=True):
+        assert (a.image is None) == (b.image is None)
+        if a.image is None:
+            continue
+        diff = np.abs(pixels(a.image) - pixels(b.image))
+        assert diff.max() <= 1
+        if diff.max() == 0:
+            assert b.scores.keys() == a.scores.keys()
+            assert all(b.scores[m] == pytest.approx(v, abs=1e-3 if m == "clipscore" else 1e-5)
+                       for m, v in a.scores.items())
+
+
+def test_a_batch_of_jobs_gets_what_each_job_gets_alone(generator):
+    series = Job("series/hero", "s1", "incontext", "the hero waves", inputs=(REF,), **SIZE,
+                 scoring=Scoring(references=(REF,), thresholds={"consistency_min": 2}),
+                 ladder=("stronger_guidance",), max_attempts=2)
+    jobs = [job("fox", -1), job("owl", 2, max_attempts=3), job("elk", -1, candidates=2), series]
+    together = Worker(generator, ClipScorer("tiny-clip")).run(jobs, IMAGES)
+    for each, batched in zip(jobs, together, strict=True):
+        (alone,) = Worker(generator, ClipScorer("tiny-clip")).run([each], IMAGES)
+        assert_same_result(alone, batched)
+
+
 def test_worker_settings_pickle():
     settings = WorkerSettings(model="tiny", clip_model="tiny-clip", score=False)
     assert pickle.loads(pickle.dumps(settings)) == settings
