@@ -127,7 +127,7 @@ def test_consistency_scored_against_references(scorer):
 
 
 # -- a contract every generator keeps ------------------------------------------------------------
-@pytest.fixture(params=["gradient", pytest.param("tiny-pipeline", marks=pytest.mark.slow)])
+@pytest.fixture(params=["gradient", "tiny-pipeline"])
 def generator(request):
     """Each generator the worker may drive: the model stand-in and the real tiny pipeline."""
     if request.param == "gradient":
@@ -176,7 +176,6 @@ def test_worker_settings_pickle():
     assert pickle.loads(pickle.dumps(settings)) == settings
 
 
-@pytest.mark.slow
 def test_real_tiny_pipeline_through_the_ladder():
     from omnigen2_batch.worker import build_worker
 
