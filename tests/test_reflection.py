@@ -4,8 +4,8 @@ from PIL import Image
 
 from omnigen2_batch.jobs import ImageRef, Job, Scoring
 from omnigen2_batch.reflection import (
-    DEFAULT_LADDER, IMAGE_GUIDANCE_CAP, TEXT_GUIDANCE_CAP, JobLadder, MissingImageError,
-    attempt_seed, decide, rank)
+    IMAGE_GUIDANCE_CAP, TEXT_GUIDANCE_CAP, JobLadder, MissingImageError, attempt_seed)
+from omnigen2_batch.rules import LADDER_STEPS, decide, rank
 
 REF = ImageRef("sha256:" + "33" * 32, "/refs/hero.png")
 SRC = ImageRef("sha256:" + "44" * 32, "/inputs/room.png")
@@ -144,4 +144,4 @@ def test_bad_ladder_and_missing_images_are_refused():
     job = Job("series/hero", "s", "incontext", "x", inputs=(ImageRef("job:abcd"),))
     with pytest.raises(MissingImageError, match="job:abcd"):
         JobLadder(job, IMAGES)
-    assert set(DEFAULT_LADDER) == {"new_seed", "stronger_guidance", "refine", "ask_mllm"}
+    assert set(LADDER_STEPS) == {"new_seed", "stronger_guidance", "refine", "ask_mllm"}

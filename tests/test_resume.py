@@ -67,6 +67,20 @@ def wait_for(proc: subprocess.Popen, out: Path, at_least: int, timeout: float = 
     pytest.fail(f"fewer than {at_least} jobs committed within {timeout} s")
 
 
+def interrupt_mid_run(proc: subprocess.Popen, out: Path) -> int:
+    """SIGINT the run at a moment it is known to have work left, without racing it: freeze it
+    once a job is committed, read how far it got, then deliver SIGINT as it thaws. With batch
+    size 1 it may commit only the job in flight after that. Returns the jobs done when frozen."""
+    wait_for(proc, out, 1)
+    proc.send_signal(signal.SIGSTOP)
+    os.waitpid(proc.pid, os.WUNTRACED)  # returns once the run is really stopped
+    done = finished(out)
+    assert done <= JOBS - 2, f"the run had done {done} of {JOBS} jobs before it could be frozen"
+    proc.send_signal(signal.SIGINT)  # pending until it runs again
+    proc.send_signal(signal.SIGCONT)
+    return done
+
+
 def assert_consistent(out: Path) -> dict[str, dict]:
     """Every row that names an image has a complete PNG; returns the rows by id."""
     with RunStore.open(out, readonly=True) as store:
@@ -114,8 +128,7 @@ def test_sigint_commits_the_batch_in_flight_and_exits_130(tmp_path):
     recipe = write_tiny_recipe(tmp_path / "in", RECIPE)
     out = tmp_path / "run"
     proc = start_run(recipe, out)
-    wait_for(proc, out, 1)
-    proc.send_signal(signal.SIGINT)
+    done_when_frozen = interrupt_mid_run(proc, out)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stderr
     assert "stopping after the batch in flight" in stderr and "Traceback" not in stderr
@@ -123,4 +136,5 @@ def test_sigint_commits_the_batch_in_flight_and_exits_130(tmp_path):
     assert summary["interrupted"] and summary["pending"] > 0 and summary["failed"] == 0
     rows = assert_consistent(out)
     assert summary["kept"] == sum(r["status"] == "kept" for r in rows.values())
+    assert done_when_frozen <= summary["kept"] <= done_when_frozen + 1  # + the job in flight
     assert not [p for p in out.rglob("*") if p.name.startswith(TEMP_PREFIX)]
