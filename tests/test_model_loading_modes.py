@@ -14,9 +14,13 @@ from omnigen2_batch.model.loading import compile_transformer
 CALL = dict(height=32, width=32, num_inference_steps=2, output_type="pt")
 
 
-def generate(pipe):
+def generate_with(pipe, **kwargs):
     return pipe(["a red fox", "a small cat on a mat"], generator=[torch.Generator().manual_seed(i) for i in (1, 2)],
-                **CALL).images
+                **CALL, **kwargs).images
+
+
+def generate(pipe):
+    return generate_with(pipe)
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +76,22 @@ def test_compile_with_offload_that_hooks_inside_blocks_is_refused():
         load_pipeline("tiny", offload="group", compile=True)
 
 
-def test_blocks_trace_without_graph_breaks(exact):
+@pytest.mark.slow  # ~50 s on 2 shared cores (dynamo tracing of 8 block variants)
+def test_blocks_trace_without_graph_breaks_and_see_lora_switches(exact, parity_dir):
     """fullgraph=True: dynamo must take each block whole (real-valued RoPE, no host sync); the
-    'aot_eager' backend skips code generation so this stays fast. Inductor: the slow test below."""
+    'aot_eager' backend skips code generation so this stays fast. Inductor: the slow test below.
+    LoRA adapters switched after compiling must act (a hook added later would be ignored)."""
+    lora_file = parity_dir / "feature_cases" / "lora_tiny.safetensors"
+    eager = load_pipeline("tiny")
+    eager.load_lora(lora_file, "a")
+    with_lora = {s: generate_with(eager, lora={"a": s}) for s in (1.0, 0.5)}
     pipe = load_pipeline("tiny")
     compile_transformer(pipe.transformer, backend="aot_eager")
+    pipe.load_lora(lora_file, "a")
+    assert (generate(pipe) - exact).abs().max().item() <= 1e-5
+    for scale, expected in with_lora.items():
+        assert (expected - exact).abs().max().item() > 1e-2
+        assert (generate_with(pipe, lora={"a": scale}) - expected).abs().max().item() <= 1e-5, scale
     assert (generate(pipe) - exact).abs().max().item() <= 1e-5
 
 

@@ -64,9 +64,19 @@ def load_pipeline(spec: str | os.PathLike = "tiny", device: str | torch.device =
     return pipeline
 
 
+BLOCK_VARIANTS = 16  # compiled variants of the block code the process may keep (see below)
+
+
 def compile_transformer(transformer, **compile_kwargs) -> None:
     """torch.compile every transformer block in place (regional compilation: the block code is
-    compiled once and shared by all layers). fullgraph: a graph break is an error, not a slowdown."""
+    compiled once per variant and shared by all layers). fullgraph: a graph break is an error, not
+    a slowdown. Variants: masked or not x modulated or not (context refiner) x LoRA on or off = 8,
+    above dynamo's default limit of 8 per code object once a shape is re-specialised, so the
+    process-wide limit is raised to BLOCK_VARIANTS (it never lowers a larger setting)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, BLOCK_VARIANTS)
     transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": True, **compile_kwargs})
 
 

@@ -1,9 +1,11 @@
 """LoRA adapters for the transformer: load several by name, choose the active set per call.
 
 An adapted Linear computes y = W x + sum over active adapters of s * (alpha / r) * B (A x), with s
-the per-call scale. Adapters never touch the base weights: while a call runs, a forward hook on
-each adapted Linear adds the low-rank terms, and leaving the call removes the hooks, so switching
-adapters or scales between calls costs nothing and the next call is exact again.
+the per-call scale. Adapters never touch the base weights: every Linear of the transformer is a
+`LoraLinear` (an nn.Linear with the same parameter names, so checkpoints load unchanged) holding
+the active adapters stacked into one low-rank pair, None outside a call that names adapters.
+Switching adapters or scales between calls costs nothing and the next call is exact again. Being
+buffers read in forward (not hooks added later), the pair is seen by torch.compile.
 
 File format (what the official OmniGen2 training writes, PEFT key names with a `transformer.`
 prefix): `transformer.<module path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], e.g.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 PREFIXES = ("transformer.", "base_model.model.")  # official save / raw PEFT export
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".alpha": "alpha"}
@@ -111,41 +114,63 @@ class LoraSet:
         self.adapters.pop(name, None)
 
     @contextmanager
-    def active(self, scales: dict[str, float] | None):
-        """Within the block the named adapters act with their scales; outside nothing does."""
+    def active(self, scales: dict[str, float] | None, device=None, dtype=None):
+        """Within the block the named adapters act with their scales; outside nothing does.
+        Their weights are placed on `device` in `dtype` (default: the transformer's)."""
         scales = {name: float(s) for name, s in (scales or {}).items() if s != 0}
         missing = sorted(set(scales) - set(self.adapters))
         if missing:
             raise ValueError(f"lora: no adapter named {missing} is loaded (loaded: {self.names})")
+        device = device or self.transformer.device
+        dtype = dtype or self.transformer.dtype
         per_module: dict[str, list] = {}
         for name, scale in scales.items():
             for module_path, layer in self.adapters[name].layers.items():
                 per_module.setdefault(module_path, []).append((layer, scale * layer.scaling))
-        handles = [self.transformer.get_submodule(path).register_forward_hook(_LowRankHook(terms))
-                   for path, terms in per_module.items()]
+        modules = {path: self.transformer.get_submodule(path) for path in per_module}
         try:
+            for path, module in modules.items():
+                module.set_lora(*stack_terms(per_module[path], device, dtype))
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            for module in modules.values():
+                module.set_lora(None, None)
 
 
-class _LowRankHook:
-    """Adds sum s * B (A x) to a Linear's output; adapter weights follow the input's device/dtype."""
+def stack_terms(terms, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several (layer, scale) as ONE low-rank pair: down = [A1; A2], up = [s1 B1, s2 B2], so
+    sum s_i B_i A_i x = up (down x) costs two matmuls whatever the number of adapters."""
+    down = torch.cat([layer.down for layer, _ in terms])
+    up = torch.cat([scale * layer.up for layer, scale in terms], dim=1)
+    return down.to(device, dtype), up.to(device, dtype)
 
-    def __init__(self, terms: list):
-        self.terms = terms
-        self._placed: dict = {}
 
-    def _weights(self, x: torch.Tensor):
-        key = (x.device, x.dtype)
-        if key not in self._placed:
-            self._placed[key] = [(layer.down.to(x.device, x.dtype), layer.up.to(x.device, x.dtype), scale)
-                                 for layer, scale in self.terms]
-        return self._placed[key]
+class LoraLinear(nn.Linear):
+    """nn.Linear plus the active low-rank pair (lora_down [r, in], lora_up [out, r]), None when off.
 
-    def __call__(self, module, args, output):
-        x = args[0]
-        for down, up, scale in self._weights(x):
-            output = output + scale * F.linear(F.linear(x, down), up)
-        return output
+    The pair are non-persistent buffers: outside the state dict, moved with the module, and graph
+    inputs to torch.compile, so changing adapters or scales reuses the compiled code.
+    """
+
+    def set_lora(self, down: torch.Tensor | None, up: torch.Tensor | None) -> None:
+        self.register_buffer("lora_down", down, persistent=False)
+        self.register_buffer("lora_up", up, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.lora_down is not None:
+            out = out + F.linear(F.linear(x, self.lora_down), self.lora_up)
+        return out
+
+
+def make_adaptable(model: nn.Module) -> None:
+    """Turn every nn.Linear of `model` into a LoraLinear sharing the same parameters."""
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                # Built on `meta` (no memory), then given the very same Parameter objects.
+                adaptable = LoraLinear(child.in_features, child.out_features, bias=child.bias is not None,
+                                       device="meta")
+                adaptable.weight, adaptable.bias = child.weight, child.bias
+                adaptable.set_lora(None, None)
+                setattr(parent, child_name, adaptable)

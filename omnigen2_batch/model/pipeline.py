@@ -187,7 +187,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
         num_steps = len(sampler.timesteps)
         step_cache = cache.make(num_steps) if cache is not None else None
         batches = {}  # branch tuple -> stacked inputs, built once per call
-        with self.loras.active(lora):
+        with self.loras.active(lora, device, dtype):
             for step, t in enumerate(self.progress_bar(sampler.timesteps)):
                 guided = cfg_range[0] <= step / num_steps <= cfg_range[1]
                 scales = (text_guidance_scale, image_guidance_scale) if guided else (1.0, 1.0)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .blocks import OmniGen2TransformerBlock, TimestepCaptionEmbedding, conditioning_width
 from .layout import RotaryEmbeddings, SequenceLayout, patchify, unpatchify
+from .lora import make_adaptable
 from .rope import cos_sin_tables, gather_rotary, rope_tables
 
 MAX_REF_IMAGES = 5  # rows of image_index_embedding
@@ -82,6 +83,7 @@ class OmniGen2Transformer2DModel(ModelMixin, ConfigMixin):
         # Run the joint layers per group of equally long samples, without a mask: fused attention
         # kernels (flash) take no mask. Same values as the padded path, more (smaller) launches.
         self.bucket_by_length = False
+        make_adaptable(self)  # every Linear can carry LoRA terms (lora.py); no parameter changes
 
 
     # -- rotary tables and layouts --------------------------------------------------------------
