@@ -3,6 +3,7 @@
     python evaluation/bench_model.py                   # tiny model, CPU, real text path (MLLM)
     python evaluation/bench_model.py --full            # GPU: full-size random weights, bf16
     python evaluation/bench_model.py --full --dry      # the --full scenarios on tiny parts (sanity, CPU)
+    python evaluation/bench_model.py --modes           # exact vs `mode: fast`: s/image and PSNR
 
 --full builds the released sizes with random weights: the transformer per the parity README
 (3.97 B parameters), a FLUX.1-size VAE, and NO MLLM: prompts are random text embeddings of width
@@ -150,6 +151,38 @@ def run_tiny(device: str, size: int, steps: int) -> None:
         print(f"tiny {size}x{size} {count} prompt(s) {steps} steps: {seconds / count:.3f} s/image")
 
 
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [0, 1] (inf when identical)."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def run_modes(device: str, size: int, steps: int, count: int = 4) -> None:
+    """exact vs fast on the tiny model: seconds per image and the PSNR of fast against exact.
+
+    The tiny model's images are noise, so the PSNR only says how far the fast path drifts from the
+    exact one on this model, not how an image looks; on real weights drift is usually smaller.
+    """
+    from omnigen2_batch.model import load_pipeline
+    from omnigen2_batch.model.presets import EXACT, FAST
+
+    pipe = load_pipeline("tiny", device=device)
+    prompts = ["a red fox in the snow", "a lighthouse on a rocky coast", "a bowl of ramen", "a robot reading"][:count]
+    common = dict(prompt=prompts, height=size, width=size, num_inference_steps=steps, output_type="pt",
+                  text_guidance_scale=4.0)
+    pipe(prompts[:1], height=size, width=size, num_inference_steps=1)  # warm-up
+    results = {}
+    for preset in (EXACT, FAST):
+        start = time.perf_counter()
+        images = pipe(generator=[torch.Generator().manual_seed(i) for i in range(count)],
+                      **preset.call_kwargs(), **common).images
+        results[preset.name] = (images, (time.perf_counter() - start) / count)
+    for name, (_, seconds) in results.items():
+        print(f"mode {name:5s} tiny {size}x{size} {count} prompts {steps} steps: {seconds:.3f} s/image")
+    print(f"PSNR fast vs exact: {psnr(results['fast'][0], results['exact'][0]):.1f} dB; "
+          f"speed-up x{results['exact'][1] / results['fast'][1]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Seconds per image of the OmniGen2 pipeline.")
     parser.add_argument("--full", action="store_true", help="full-size random weights (needs a GPU)")
@@ -157,7 +190,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="image side (default 1024 full, 64 otherwise)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 50 full, 10 tiny, 1 dry)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--modes", action="store_true", help="exact vs mode: fast on the tiny model")
     args = parser.parse_args()
+    if args.modes:
+        run_modes(args.device, args.size or 64, args.steps or 28)
+        return
     if not args.full:
         run_tiny(args.device, args.size or 64, args.steps or 10)
         return

@@ -105,7 +105,9 @@ def test_dtype_and_offload_options(saved):
     assert {half.transformer.dtype, half.vae.dtype, half.mllm.dtype} == {torch.bfloat16}
     with pytest.raises(ValueError, match="dtype"):
         load_pipeline("tiny", dtype="int4")
-    assert load_pipeline("tiny", offload=True).device.type == "cpu"  # ignored on the CPU, with a warning
+    assert load_pipeline("tiny", offload=True).device.type == "cpu"  # True = "model", the CPU as the device
+    with pytest.raises(ValueError, match="offload"):
+        load_pipeline("tiny", offload="disk")
 
 
 def test_fixture_folder_loads_with_its_processor(parity_dir):

@@ -189,8 +189,9 @@ def test_generate_batched_equals_one_by_one_in_request_order(pipe):
     finally:
         handle.remove()
     alone = [PipelineGenerator(pipe).generate([r])[0] for r in reqs]
-    # 3 groups (t2i 32x32 x3, edits x2, t2i 48 wide x1); text CFG = 2 passes, edits 3 passes per step.
-    assert sizes == [3, 3] * 2 + [2, 2, 2] * 2 + [1, 1] * 2
+    # 3 groups (t2i 32x32 x3, edits x2, t2i 48 wide x1), 2 steps each; one transformer batch per
+    # step holds every guidance branch: text CFG = 2 rows per image, edits 3.
+    assert sizes == [3 * 2] * 2 + [2 * 3] * 2 + [1 * 2] * 2
     assert [im.size for im in batched] == [(32, 32), (32, 32), (48, 32), (32, 32), (48, 32), (48, 32)]
     for one, other in zip(batched, alone):
         assert np.abs(np.asarray(one, dtype=int) - np.asarray(other, dtype=int)).max() <= 1
@@ -202,7 +203,7 @@ def test_generate_respects_max_batch_size(pipe):
         PipelineGenerator(pipe, max_batch_size=2).generate(requests()[:4])
     finally:
         handle.remove()
-    assert sizes == [2, 2] * 2 + [1, 1] * 2 + [1, 1, 1] * 2  # t2i 2 + 1, then the edit
+    assert sizes == [2 * 2] * 2 + [1 * 2] * 2 + [1 * 3] * 2  # t2i 2 + 1, then the edit (2 steps each)
 
 
 def test_critique_is_none_for_the_tiny_model(pipe):

@@ -80,9 +80,10 @@ def _check_text_encoding(pipe, spec, data):
     """Token ids, masks and embeddings (valid positions only) for prompt (k=0) and negative (k=1)."""
     kwargs = spec["pipeline_call_kwargs"]
     prompts = [kwargs["prompt"]] if isinstance(kwargs["prompt"], str) else kwargs["prompt"]
-    negative = kwargs.get("negative_prompt") or ""
+    negative = kwargs.get("negative_prompt")
+    negatives = list(negative) if isinstance(negative, list) else [negative or ""] * len(prompts)
     assert [pipe.apply_chat_template(p) for p in prompts] == spec["templated_texts"][0]
-    for k, texts in enumerate((prompts, [negative] * len(prompts))):
+    for k, texts in enumerate((prompts, negatives)):
         embeds, mask = pipe.encode_prompts(texts)
         assert torch.equal(mask.cpu(), data[f"mllm.encode.{k}.attention_mask"]), f"mllm.encode.{k} mask"
         ids = pipe.tokenizer([pipe.apply_chat_template(t) for t in texts], padding="longest",
@@ -92,7 +93,7 @@ def _check_text_encoding(pipe, spec, data):
         _close(embeds[valid], data[f"mllm.encode.{k}.embeds"][valid], f"mllm.encode.{k}.embeds (mask==1)")
 
 
-def _run_case(pipe, case):
+def _run_case(pipe, case, batch_guidance):
     spec = json.loads(case.read_text())
     data = load_file(case.with_suffix(".safetensors"))
     kwargs = dict(spec["pipeline_call_kwargs"])
@@ -113,9 +114,11 @@ def _run_case(pipe, case):
     prompts = [prompt] if isinstance(prompt, str) else prompt
     n = kwargs.get("num_images_per_prompt", 1)
     initial = data["initial_latents"]
-    _close(pipe.prepare_latents(initial.shape[0], initial.shape[2] * 8, initial.shape[3] * 8, torch.float32,
-                                "cpu", torch.Generator().manual_seed(seed)), initial, "initial_latents")
-    times = flow_timesteps(kwargs["num_inference_steps"], initial.shape[2] * initial.shape[3], True)
+    scale = pipe.vae_scale_factor
+    _close(pipe.prepare_latents(initial.shape[0], initial.shape[2] * scale, initial.shape[3] * scale,
+                                initial.dtype, "cpu", torch.Generator().manual_seed(seed)), initial, "initial_latents")
+    times = flow_timesteps(kwargs["num_inference_steps"], initial.shape[2] * initial.shape[3],
+                           pipe.scheduler.config.dynamic_time_shift)
     assert torch.equal(times, torch.tensor(spec["timesteps"], dtype=torch.float32)), "timesteps"
 
     steps, has_ref = [], []
@@ -124,11 +127,15 @@ def _run_case(pipe, case):
         with_kwargs=True)
     try:
         out = pipe(prompts, input_images=images, generator=torch.Generator().manual_seed(seed),
-                   ref_latents=ref_latents, callback_on_step_end=lambda p, i, t, v: steps.append(v), **kwargs)
+                   ref_latents=ref_latents, callback_on_step_end=lambda p, i, t, v: steps.append(v),
+                   batch_guidance=batch_guidance, **kwargs)
     finally:
         hook.remove()
 
-    assert has_ref == spec["has_ref_per_call"], "transformer call pattern (cond, [ref,] uncond)"
+    if not batch_guidance:  # one transformer pass per branch, as the reference
+        assert has_ref == spec["has_ref_per_call"], "transformer call pattern (cond, [ref,] uncond)"
+    else:  # one pass per step holding every branch
+        assert len(has_ref) == spec["n_scheduler_steps"]
     assert len(steps) == spec["n_scheduler_steps"]
     for i, values in enumerate(steps):
         _close(values["model_output"], data[f"step.{i:03d}.guided_model_output"], f"step {i} guided velocity")
@@ -138,10 +145,11 @@ def _run_case(pipe, case):
     assert out.images.shape[0] == len(prompts) * n
 
 
-def test_every_pipeline_case_matches_the_official_pipeline(reference_pipeline, parity_dir, subtests):
+@pytest.mark.parametrize("batch_guidance", [False, True], ids=["branch_by_branch", "branches_batched"])
+def test_every_pipeline_case_matches_the_official_pipeline(reference_pipeline, parity_dir, subtests, batch_guidance):
     for case in _cases(parity_dir):
         with subtests.test(case=case.stem):
-            _run_case(reference_pipeline, case)
+            _run_case(reference_pipeline, case, batch_guidance)
 
 
 def test_fixture_scheduler_config_loads_as_our_euler(reference_pipeline):

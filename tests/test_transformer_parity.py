@@ -21,7 +21,6 @@ from omnigen2_batch.model.transformer import OmniGen2Transformer2DModel
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 END_TO_END_TOL = dict(atol=1e-4, rtol=1e-4)
-PATCH = 2
 
 
 @dataclass
@@ -30,6 +29,7 @@ class Case:
     tensors: dict
     hidden_states: object  # [B,C,H,W] tensor or list of [C,H,W]
     refs: list | None  # per sample: None or list of [C,h,w]
+    patch: int  # the fixture transformer's patch_size
 
     @property
     def images(self):
@@ -44,18 +44,20 @@ class Case:
         return self.tensors["text_attention_mask"].sum(1).tolist()
 
     def image_lens(self):
-        return [(img.shape[-2] // PATCH) * (img.shape[-1] // PATCH) for img in self.images]
+        p = self.patch
+        return [(img.shape[-2] // p) * (img.shape[-1] // p) for img in self.images]
 
     def ref_lens(self):
         """Per sample, the token count of each ref image ([] without refs)."""
         refs = self.refs or [None] * len(self.images)
-        return [[(r.shape[-2] // PATCH) * (r.shape[-1] // PATCH) for r in rs or []] for rs in refs]
+        p = self.patch
+        return [[(r.shape[-2] // p) * (r.shape[-1] // p) for r in rs or []] for rs in refs]
 
     def seq_lens(self):
         return [t + sum(r) + n for t, r, n in zip(self.text_lens(), self.ref_lens(), self.image_lens())]
 
 
-def load_case(json_path: Path) -> Case:
+def load_case(json_path: Path, patch: int) -> Case:
     structure = json.loads(json_path.read_text())["structure"]
     t = load_file(json_path.with_suffix(".safetensors"))
     batch = t["timestep"].shape[0]
@@ -68,7 +70,7 @@ def load_case(json_path: Path) -> Case:
         refs = [
             None if n is None else [t[f"ref_image_hidden_states.{i}.{j}"] for j in range(n)] for i, n in enumerate(refs)
         ]
-    return Case(json_path.stem, t, hidden, refs)
+    return Case(json_path.stem, t, hidden, refs, patch)
 
 
 def valid_rows(padded: torch.Tensor, lengths) -> torch.Tensor:
@@ -78,7 +80,9 @@ def valid_rows(padded: torch.Tensor, lengths) -> torch.Tensor:
 
 
 def as_complex(stored: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_complex(stored.contiguous())
+    """A complex table from its stored view_as_real form, in freshly allocated memory: viewing a
+    float64 buffer memory-mapped from safetensors as complex128 (16-byte alignment) can crash."""
+    return torch.complex(stored[..., 0].clone(), stored[..., 1].clone())
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +97,10 @@ def freqs_cis(parity_dir):
 
 
 @pytest.fixture(scope="module")
-def cases(parity_dir):
+def cases(parity_dir, model):
     paths = sorted((parity_dir / "transformer_cases").glob("*.json"))
     assert paths, f"no transformer cases under {parity_dir / 'transformer_cases'}"
-    return [load_case(p) for p in paths]
+    return [load_case(p, model.config.patch_size) for p in paths]
 
 
 def test_fixture_loads_without_missing_or_unexpected_keys(parity_dir):
@@ -130,7 +134,8 @@ def test_position_ids_and_rotary_tables(model, freqs_cis, cases, subtests):
                 "joint": (rotary.joint, seq, 3, seq),
             }
             for name, (ours, lens, index, ref_lens) in pairs.items():
-                theirs = as_complex(t[f"debug.rope.{index}"])
+                # Ours: (cos, sin) looked up in float64 and rounded once to float32.
+                theirs = t[f"debug.rope.{index}"].to(torch.float32)
                 assert torch.equal(valid_rows(ours, lens), valid_rows(theirs, ref_lens)), name
 
 
@@ -207,16 +212,23 @@ def test_unmodified_forward_matches_end_to_end(model, freqs_cis, cases, subtests
                 torch.testing.assert_close(ours, theirs, **END_TO_END_TOL)
 
 
-def test_batch_matches_each_sample_alone(model):
-    """Mixed batch: different image sizes, 2 / 0 / 1 / 3 refs of different sizes, different text lengths."""
-    g = torch.Generator().manual_seed(0)
-    latents = [torch.randn(16, h, w, generator=g) for h, w in [(8, 6), (6, 10), (4, 4), (10, 8)]]
-    ref_sizes = [[(4, 8), (6, 6)], None, [(8, 4)], [(2, 4), (4, 2), (6, 4)]]
-    refs = [None if s is None else [torch.randn(16, h, w, generator=g) for h, w in s] for s in ref_sizes]
+def mixed_batch(config, seed=0):
+    """Different image sizes, 2 / 0 / 1 / 3 refs of different sizes, different text lengths; every
+    dimension from the model's config (sizes in patches)."""
+    g = torch.Generator().manual_seed(seed)
+    p, c = config.patch_size, config.in_channels
+    latents = [torch.randn(c, h * p, w * p, generator=g) for h, w in [(4, 3), (3, 5), (2, 2), (5, 4)]]
+    ref_sizes = [[(2, 4), (3, 3)], None, [(4, 2)], [(1, 2), (2, 1), (3, 2)]]
+    refs = [None if s is None else [torch.randn(c, h * p, w * p, generator=g) for h, w in s] for s in ref_sizes]
     text_lens = [5, 9, 1, 7]
-    text = torch.randn(4, 9, 32, generator=g)
+    text = torch.randn(4, 9, config.text_feat_dim, generator=g)
     mask = (torch.arange(9)[None] < torch.tensor(text_lens)[:, None]).long()
     timestep = torch.tensor([0.1, 0.5, 0.7, 0.95])
+    return latents, timestep, text, mask, refs, text_lens
+
+
+def test_batch_matches_each_sample_alone(model):
+    latents, timestep, text, mask, refs, text_lens = mixed_batch(model.config)
     with torch.no_grad():
         batched = model(latents, timestep, text, None, mask, ref_image_hidden_states=refs)
         for i in range(4):
@@ -229,4 +241,5 @@ def test_batch_matches_each_sample_alone(model):
 def test_left_padded_text_is_refused(model):
     mask = torch.tensor([[0, 1, 1]])
     with pytest.raises(ValueError, match="right-padded"):
-        model(torch.zeros(1, 16, 4, 4), torch.tensor([0.5]), torch.zeros(1, 3, 32), None, mask)
+        c, p, width = model.config.in_channels, model.config.patch_size, model.config.text_feat_dim
+        model(torch.zeros(1, c, 2 * p, 2 * p), torch.tensor([0.5]), torch.zeros(1, 3, width), None, mask)

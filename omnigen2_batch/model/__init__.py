@@ -9,6 +9,10 @@ _EXPORTS = {
     "OmniGen2Transformer2DModel": ".transformer",
     "load_pipeline": ".loading",
     "ModelLoadError": ".loading",
+    "CacheConfig": ".cache",
+    "OFFLOAD_MODES": ".memory",
+    "SpeedPreset": ".presets",
+    "preset": ".presets",
 }
 
 __all__ = list(_EXPORTS)

@@ -32,14 +32,24 @@ class ModelLoadError(UnavailableError):
 
 
 def load_pipeline(spec: str | os.PathLike = "tiny", device: str | torch.device = "cpu",
-                  dtype: torch.dtype | str | None = None, offload: bool = False):
+                  dtype: torch.dtype | str | None = None, offload: str | bool = "none",
+                  transformer: str | os.PathLike | None = None, compile: bool = False):
     """An OmniGen2Pipeline ready on `device`.
 
-    dtype None means float32 on the CPU and bfloat16 elsewhere. offload=True moves each model
-    to the device only while it runs (accelerate's model CPU offload); it needs an accelerator
-    and is ignored, with a warning, on the CPU.
+    spec: "tiny", a folder in the released layout, or a hub id. dtype None means float32 on the
+    CPU and bfloat16 elsewhere. offload: "none" | "model" | "sequential" | "group" (memory.py says
+    what each costs; True/False mean "model"/"none"). transformer: replaces the spec's transformer
+    with one from another place: a transformer folder (config.json + safetensors), a model folder
+    holding transformer/, or a single .safetensors state dict for the spec's own config (e.g. a
+    fine-tune). compile: compile the transformer's blocks with torch.compile (one compiled block
+    reused by every layer; the first calls of each new shape are slow).
     """
+    from .memory import place, resolve_offload
+
     torch_dtype = resolve_dtype(dtype, device)
+    mode = resolve_offload(offload)
+    if compile and mode in ("sequential", "group"):
+        raise ValueError(f"compile: works with offload none or model, not {mode!r} (its hooks run inside the blocks)")
     if str(spec) == "tiny":
         from .tiny import build_tiny_pipeline
 
@@ -48,13 +58,63 @@ def load_pipeline(spec: str | os.PathLike = "tiny", device: str | torch.device =
             pipeline.to(dtype=torch_dtype)
     else:
         pipeline = load_folder(resolve_folder(spec), torch_dtype)
-    if offload and torch.device(device).type != "cpu":
-        pipeline.enable_model_cpu_offload(device=device)
-    else:
-        if offload:
-            log.warning("offload=True ignored: CPU offload only helps on an accelerator (device=%s)", device)
-        pipeline.to(device)
+    if transformer is not None:
+        replace_transformer(pipeline, transformer, torch_dtype)
+    place(pipeline, device, mode)
+    if compile:
+        compile_transformer(pipeline.transformer)
     return pipeline
+
+
+BLOCK_VARIANTS = 16  # compiled variants of the block code the process may keep (see below)
+
+
+def compile_transformer(transformer, **compile_kwargs) -> None:
+    """torch.compile every transformer block in place (regional compilation: the block code is
+    compiled once per variant and shared by all layers). fullgraph: a graph break is an error, not
+    a slowdown. Variants: masked or not x modulated or not (context refiner) x LoRA on or off = 8,
+    above dynamo's default limit of 8 per code object once a shape is re-specialised, so the
+    process-wide limit is raised to BLOCK_VARIANTS (it never lowers a larger setting)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, BLOCK_VARIANTS)
+    transformer.compile_repeated_blocks(**{"fullgraph": True, "dynamic": True, **compile_kwargs})
+
+
+def replace_transformer(pipeline, source: str | os.PathLike, dtype: torch.dtype) -> None:
+    """Swap in a transformer from a folder, a model folder, or a .safetensors file (see load_pipeline)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        transformer = _transformer_from_state_dict(pipeline.transformer, path, dtype)
+    elif (path / "transformer").is_dir():
+        check_component(path, "transformer")
+        transformer = _load_component(path / "transformer", "transformer", dtype)
+    elif path.is_dir():
+        check_directory(path, "transformer")
+        transformer = _load_component(path, "transformer", dtype)
+    else:
+        raise ModelLoadError(f"transformer {str(source)!r}: no such folder or file")
+    pipeline.register_modules(transformer=transformer)
+    pipeline.loras.transformer = transformer
+
+
+def _transformer_from_state_dict(base, path: Path, dtype: torch.dtype):
+    """A transformer of `base`'s config with the weights of one safetensors file (all keys, exactly)."""
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise ModelLoadError(f"transformer {path}: only .safetensors weights are loaded")
+    _check_safetensors(path)
+    state = load_file(str(path))
+    expected = set(base.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelLoadError(f"transformer {path}: keys do not fit the model's config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}); pass a transformer folder with its config.json")
+    transformer = type(base).from_config(base.config)
+    transformer.load_state_dict(state, strict=True)
+    return transformer.to(dtype).eval()
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
@@ -103,17 +163,22 @@ def check_component(folder: Path, name: str) -> None:
     if not directory.is_dir():
         raise ModelLoadError(f"{folder}: missing component folder '{name}/' (the OmniGen2 layout has "
                              f"{', '.join(c + '/' for c in COMPONENTS)})")
+    check_directory(directory, name)
+
+
+def check_directory(directory: Path, kind: str) -> None:
+    """The checks of `check_component` for a folder holding a component of this kind."""
     required = {"scheduler": ["scheduler_config.json"], "processor": ["tokenizer_config.json"]}
-    for filename in required.get(name, ["config.json"]):
+    for filename in required.get(kind, ["config.json"]):
         if not (directory / filename).is_file():
             raise ModelLoadError(f"{directory}: missing {filename}")
-    if name == "processor" and not ((directory / "tokenizer.json").is_file()
+    if kind == "processor" and not ((directory / "tokenizer.json").is_file()
                                     or (directory / "vocab.json").is_file()):
         raise ModelLoadError(f"{directory}: missing tokenizer.json (or vocab.json + merges.txt)")
     for path in sorted(directory.glob("*.json")):
         _read_json(path)
-    if name in WEIGHT_STEMS:
-        for path in _weight_files(directory, WEIGHT_STEMS[name]):
+    if kind in WEIGHT_STEMS:
+        for path in _weight_files(directory, WEIGHT_STEMS[kind]):
             _check_safetensors(path)
 
 

@@ -21,7 +21,11 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .cache import CacheConfig
+from .guidance import TextRows, active_branches, combine, stack_branches
+from .lora import LoraSet
 from .scheduler import make_scheduler
+from .transformer import _right_padded_lengths
 
 SYSTEM_PROMPT = "You are a helpful assistant that generates high-quality images based on user instructions."
 DEFAULT_SIZE = 1024
@@ -60,14 +64,6 @@ def _repeat(tensor: torch.Tensor | None, times: int) -> torch.Tensor | None:
     return None if tensor is None else tensor.repeat_interleave(times, dim=0)
 
 
-@dataclass
-class _Text:
-    """Embeddings + right-padded masks, one row per output image."""
-
-    embeds: torch.Tensor
-    mask: torch.Tensor
-
-
 class OmniGen2Pipeline(DiffusionPipeline):
     """transformer + FLUX-style VAE + flow scheduler + Qwen2.5-VL text encoder (`mllm`).
 
@@ -84,6 +80,7 @@ class OmniGen2Pipeline(DiffusionPipeline):
                               processor=processor)
         self.register_to_config(is_tiny=is_tiny)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.loras = LoraSet(transformer)  # adapters by name; a call picks the active ones
         # Quiet by default: callers show their own per-job progress.
         self.set_progress_bar_config(disable=True)
 
@@ -128,6 +125,9 @@ class OmniGen2Pipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable | None = None,
+        cache: CacheConfig | None = None,
+        lora: dict[str, float] | None = None,
+        batch_guidance: bool = True,
     ):
         """Generate `num_images_per_prompt` images for each prompt.
 
@@ -138,7 +138,12 @@ class OmniGen2Pipeline(DiffusionPipeline):
             "dpmsolver++" | None (the pipeline's own). ref_latents: per prompt, precomputed
             normalised VAE latents [16,h,w] of its input images (replaces their VAE
             encode; input_images still decide the sizes).
-            callback_on_step_end(pipeline, step, t, {"latents", "model_output"}) runs after each step.
+            callback_on_step_end(pipeline, step, t, {"latents", "model_output", "cache_modes"}) runs
+            after each step; cache_modes maps each branch run to one letter per image (F computed,
+            S skipped by TeaCache, T predicted by TaylorSeer).
+            cache: a step cache for this call only (CacheConfig; None: exact). lora: adapter name ->
+            scale for this call (loaded with `load_lora`); none is active otherwise.
+            batch_guidance: run all guidance branches of a step in one transformer batch.
         Returns OmniGen2PipelineOutput (or a 1-tuple) with one image per prompt per requested image.
         """
         # 1. Check inputs and normalise their shapes.
@@ -177,14 +182,24 @@ class OmniGen2Pipeline(DiffusionPipeline):
         latent_tokens = (gen_h // self.vae_scale_factor) * (gen_w // self.vae_scale_factor)
         sampler.set_timesteps(num_inference_steps, device=device, num_tokens=latent_tokens)
 
-        # 7. Denoise: per step 1-3 transformer passes combined by classifier-free guidance.
-        for step, t in enumerate(self.progress_bar(sampler.timesteps)):
-            guided = cfg_range[0] <= step / len(sampler.timesteps) <= cfg_range[1]
-            scales = (text_guidance_scale, image_guidance_scale) if guided else (1.0, 1.0)
-            velocity = self._guided_velocity(latents, t, cond, uncond, refs, *scales)
-            latents = sampler.step(velocity, t, latents, return_dict=False)[0].to(self.vae.dtype)
-            if callback_on_step_end is not None:
-                callback_on_step_end(self, step, t, {"latents": latents, "model_output": velocity})
+        # 7. Denoise: per step 1-3 guidance branches (one batch or one pass each) combined by
+        #    classifier-free guidance; this call's own step cache and LoRA set.
+        num_steps = len(sampler.timesteps)
+        step_cache = cache.make(num_steps) if cache is not None else None
+        batches = {}  # branch tuple -> stacked inputs, built once per call
+        with self.loras.active(lora, device, dtype):
+            for step, t in enumerate(self.progress_bar(sampler.timesteps)):
+                guided = cfg_range[0] <= step / num_steps <= cfg_range[1]
+                scales = (text_guidance_scale, image_guidance_scale) if guided else (1.0, 1.0)
+                branches = active_branches(*scales, uncond is not None)
+                velocities = self._branch_velocities(latents, t, step, branches, cond, uncond, refs,
+                                                     step_cache, batches if batch_guidance else None)
+                velocity = combine(velocities, *scales)
+                latents = sampler.step(velocity, t, latents, return_dict=False)[0].to(self.vae.dtype)
+                if callback_on_step_end is not None:
+                    modes = _modes(step_cache, branches, len(cond.lengths))
+                    callback_on_step_end(self, step, t, {"latents": latents, "model_output": velocity,
+                                                         "cache_modes": modes})
 
         # 8. Decode, resize to the requested size, map to [0,1].
         output = latents if output_type == "latent" else self._decode(latents, out_h, out_w)
@@ -305,13 +320,16 @@ class OmniGen2Pipeline(DiffusionPipeline):
         hidden = self.mllm(ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         return hidden.to(self.mllm.dtype), mask
 
-    def _text(self, texts, embeds, mask, n: int, max_sequence_length, device, dtype) -> _Text:
-        """One row per output image (p0,p0,p1,p1 for n=2), embeddings and masks alike."""
+    def _text(self, texts, embeds, mask, n: int, max_sequence_length, device, dtype) -> TextRows:
+        """One row per output image (p0,p0,p1,p1 for n=2), embeddings and masks alike; the valid
+        lengths are read once here so the transformer never has to."""
         if embeds is None:
             embeds, mask = self.encode_prompts(texts, max_sequence_length, device)
         elif mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-        return _Text(_repeat(embeds.to(device, dtype), n), _repeat(mask.to(device), n))
+        lengths = _right_padded_lengths(mask)
+        return TextRows(_repeat(embeds.to(device, dtype), n), _repeat(mask.to(device), n),
+                        [length for length in lengths for _ in range(n)])
 
     # -- latents ----------------------------------------------------------------------------
 
@@ -352,24 +370,34 @@ class OmniGen2Pipeline(DiffusionPipeline):
             return self.scheduler.__class__.from_config(self.scheduler.config)
         return make_scheduler(name, self.scheduler.config.dynamic_time_shift)
 
-    def _velocity(self, latents, t, text: _Text, refs) -> torch.Tensor:
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        freqs_cis = self.transformer.rope_tables(latents.device)
-        return self.transformer(latents, timestep, text.embeds, freqs_cis, text.mask,
-                                ref_image_hidden_states=refs)
+    def _branch_velocities(self, latents, t, step, branches, cond, uncond, refs, step_cache, batches):
+        """{branch: velocity}: one stacked transformer batch (`batches` caches its inputs), or one
+        pass per branch when `batches` is None."""
+        if batches is None:
+            return {branch: self._velocity(latents, t, step, stack_branches((branch,), cond, uncond, refs),
+                                           step_cache) for branch in branches}
+        if branches not in batches:
+            batches[branches] = stack_branches(branches, cond, uncond, refs)
+        stacked = self._velocity(latents.repeat(len(branches), 1, 1, 1), t, step, batches[branches], step_cache)
+        return dict(zip(branches, stacked.chunk(len(branches))))
 
-    def _guided_velocity(self, latents, t, cond: _Text, uncond: _Text | None, refs, text_scale, image_scale):
-        """Classifier-free guidance. cond = prompt + inputs; ref = negative + inputs; uncond =
-        negative without inputs. Both scales > 1: uncond + s_img (ref - uncond) + s_txt (cond - ref)."""
-        v_cond = self._velocity(latents, t, cond, refs)
-        if text_scale <= 1.0 or uncond is None:
-            return v_cond
-        if image_scale > 1.0:
-            v_ref = self._velocity(latents, t, uncond, refs)
-            v_uncond = self._velocity(latents, t, uncond, None)
-            return v_uncond + image_scale * (v_ref - v_uncond) + text_scale * (v_cond - v_ref)
-        v_uncond = self._velocity(latents, t, uncond, None)
-        return v_uncond + text_scale * (v_cond - v_uncond)
+    def _velocity(self, latents, t, step, batch, step_cache) -> torch.Tensor:
+        if step_cache is not None:
+            step_cache.begin(step, batch.row_keys())
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        return self.transformer(latents, timestep, batch.text.embeds, None, batch.text.mask,
+                                ref_image_hidden_states=batch.refs, text_lens=batch.text.lengths,
+                                step_cache=step_cache)
+
+    # -- LoRA -------------------------------------------------------------------------------
+
+    def load_lora(self, path, name: str | None = None) -> str:
+        """Load a LoRA safetensors file as adapter `name` (default: the file stem); it acts only
+        in calls that name it in `lora=`. Returns the name."""
+        return self.loras.load(path, name)
+
+    def unload_lora(self, name: str) -> None:
+        self.loras.unload(name)
 
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """[N,3,height,width] in [0,1]. One image at a time: a batch of large images would
@@ -382,3 +410,10 @@ class OmniGen2Pipeline(DiffusionPipeline):
             decoded = F.interpolate(decoded, size=(height, width), mode="bilinear")
             images.append((decoded / 2 + 0.5).clamp(0, 1))
         return torch.cat(images)
+
+
+def _modes(step_cache, branches, rows: int) -> dict[str, list[str]]:
+    """Per branch, the cache mode letter of each image at this step (all F without a cache)."""
+    if step_cache is None:
+        return {branch: ["F"] * rows for branch in branches}
+    return {branch: [step_cache.modes[(branch, i)] for i in range(rows)] for branch in branches}
