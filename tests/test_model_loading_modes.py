@@ -93,10 +93,3 @@ def test_blocks_trace_without_graph_breaks_and_see_lora_switches(exact, parity_d
         assert (expected - exact).abs().max().item() > 1e-2
         assert (generate_with(pipe, lora={"a": scale}) - expected).abs().max().item() <= 1e-5, scale
     assert (generate(pipe) - exact).abs().max().item() <= 1e-5
-
-
-@pytest.mark.slow
-def test_compiled_equals_eager(exact):
-    """The real option (inductor); takes minutes on a small CPU for the C++ code generation."""
-    pipe = load_pipeline("tiny", compile=True)
-    assert (generate(pipe) - exact).abs().max().item() <= 1e-4
