@@ -145,10 +145,11 @@ class JobBuilder:
         for index, template in enumerate(group.templates()):
             where = at + ("prompt",) + ((index,) if isinstance(group.prompt, list) else ())
             for values in itertools.product(*matrix.values()):
-                values = {**fixed, **dict(zip(matrix, values)), **subjects.words}
-                name = slug(template.format_map({**values, **placeholders(group.sweep)}))
+                values = {**fixed, **dict(zip(matrix, values))}
+                name = slug(template.format_map(
+                    {**values, **placeholders(group.sweep), **placeholders(subjects.words)}))
                 for var in variations(self.recipe, [group], group.sweep):
-                    prompt = template.format_map({**values, **var.cell.text})
+                    prompt = template.format_map({**values, **subjects.words, **var.cell.text})
                     self.add(where, [group], kind, prompt, f"prompts/{group.name}", name,
                              var=var, inputs=subjects.inputs, scoring=subjects.scoring(prompt))
 
@@ -162,7 +163,7 @@ class JobBuilder:
             if subjects is None:
                 continue
             name = shot.name or slug(shot.prompt.format_map(
-                {**{n: n for n in subjects.words}, **placeholders(series.sweep)}))
+                {**placeholders(subjects.words), **placeholders(series.sweep)}))
             for var in variations(self.recipe, [series, shot], series.sweep):
                 prompt = shot.prompt.format_map({**subjects.words, **var.cell.text})
                 self.add(where, [series, shot], "incontext", prompt, section, name, var=var,
@@ -403,9 +404,11 @@ class Subjects:
                        characters={n: [r.key for r in self.refs[n]] for n in self.cast})
 
 
-def placeholders(sweep) -> dict[str, str]:
-    """A sweep's placeholders standing for themselves: names a job after its template."""
-    return {name: name for name in placeholder_axes(sweep)}
+def placeholders(names) -> dict[str, str]:
+    """Placeholders (a sweep's, or image names) standing for themselves: a job is named after
+    its template, not after one cell's values."""
+    names = names if isinstance(names, dict) else placeholder_axes(names)
+    return {name: name for name in names}
 
 
 def derive_seed(base: int, job: Job) -> int:
@@ -454,9 +457,27 @@ def describe_plan(plan: Plan) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
              for row in rows]
     cost = plan.estimate
+    lines += sweep_lines(plan.jobs)
     lines += ["", f"model {plan.config.model}, executor {plan.config.executor}",
               f"{cost.jobs} jobs, {cost.images} images (worst case {cost.images_worst}), "
               f"{cost.forwards} transformer forwards (worst {cost.forwards_worst})",
               f"~{cost.gpu_seconds:g} GPU-seconds (worst {cost.gpu_seconds_worst:g}): "
               f"{cost.basis}"]
     return "\n".join(line.rstrip() for line in lines)
+
+
+def sweep_lines(jobs: list[Job]) -> list[str]:
+    """One line per swept section: its axes, job count and cost, before anything runs."""
+    sections: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.sweep:
+            sections.setdefault(job.section, []).append(job)
+    lines = []
+    for section, cells in sections.items():
+        axes = cells[0].sweep["axes"]
+        sizes = [len({tuple(job.sweep["values"])[i] for job in cells}) for i in range(len(axes))]
+        shape = " x ".join(f"{axis} {size}" for axis, size in zip(axes, sizes))
+        cost = estimate(cells)
+        lines.append(f"sweep {section}: {shape}: {cost.jobs} jobs, ~{cost.gpu_seconds:g} "
+                     f"GPU-seconds (worst {cost.gpu_seconds_worst:g})")
+    return [""] + lines if lines else []
