@@ -23,7 +23,7 @@ LAYERS = [
     ["store"],
     ["scoring", "generate", "reflection"],
     ["worker", "preflight"],
-    ["rescore", "report", "export"],
+    ["rescore", "report", "export", "picks"],
     ["executors"],
     ["run"],
     ["cli"],
