@@ -42,6 +42,10 @@ def attempt_thumb(job_id: str, n: int) -> str:
     return f"thumbs/{job_id}-{n}.jpg"
 
 
+def variant_thumb(job_id: str, rank: int) -> str:
+    return f"thumbs/{job_id}-v{rank}.jpg"
+
+
 def ref_thumb(ref: ImageRef) -> str:
     """A reference's thumbnail: its job's, or one named by the file's content key."""
     if ref.job_id:
@@ -60,6 +64,8 @@ def wanted_thumbnails(run: Run) -> dict[str, Path]:
     for view in run.jobs:
         if view.row["image"]:
             wanted[job_thumb(view.id)] = run.root / view.row["image"]
+        for variant in view.variants[1:]:
+            wanted[variant_thumb(view.id, variant["rank"])] = run.root / variant["image"]
         if view.status == "rejected":
             for attempt in view.attempts:
                 if attempt["image"]:
