@@ -54,8 +54,10 @@ def ref_thumb(ref: ImageRef) -> str:
 
 
 def shown_refs(job: Job) -> tuple[ImageRef, ...]:
-    """The images the report shows beside a job's output: references and the edit source."""
-    return job.scoring.references + ((job.edit_source,) if job.edit_source else ())
+    """The images the report shows beside a job's output: its references, the edit source and
+    every other input image (a multi-subject shot's extra images too), each once."""
+    source = (job.edit_source,) if job.edit_source else ()
+    return tuple(dict.fromkeys(job.scoring.references + source + job.inputs))
 
 
 def wanted_thumbnails(run: Run) -> dict[str, Path]:

@@ -18,7 +18,8 @@ from urllib.parse import quote
 from ..jobs import ImageRef
 from .data import JobView, Run
 from .grids import Grid
-from .images import attempt_thumb, job_thumb, ref_thumb, sheet_name, variant_thumb
+from .images import (attempt_thumb, job_thumb, ref_thumb, sheet_name, shown_refs,
+                     variant_thumb)
 from .plots import plots_html
 from .text import esc, script_json, user
 
@@ -114,10 +115,10 @@ class PageBuilder:
         """One strip per reference set, the references on the left."""
         groups: dict[tuple[str, ...], list[JobView]] = {}
         for view in shown:
-            groups.setdefault(tuple(r.key for r in view.job.scoring.references), []).append(view)
+            groups.setdefault(tuple(r.key for r in shown_refs(view.job)), []).append(view)
         parts = []
         for g, members in enumerate(groups.values()):
-            refs = members[0].job.scoring.references
+            refs = shown_refs(members[0].job)
             figures = "".join(self._ref_figure(ref) for ref in refs) or "<p>no references</p>"
             parts.append(f'<div class="series"><div class="refs"><h3>references</h3>{figures}</div>'
                          f'{self.pager(f"{list_id}g{g}", "cards", [self.card(v) for v in members])}</div>')
@@ -178,7 +179,7 @@ def section_kind(views: list[JobView]) -> str:
         return "bilingual"
     if any(v.job.kind == "edit" for v in views):
         return "edit"
-    if any(v.job.scoring.references for v in views):
+    if any(v.job.scoring.references or v.job.inputs for v in views):
         return "series"
     return "gallery"
 
