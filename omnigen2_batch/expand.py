@@ -1,6 +1,6 @@
 """What one recipe entry multiplies into, before any job is built: its variations (sweep cells x
-literal seeds) and their count, the "image N" words that stand for named input images, and the
-job count of a whole recipe (checked against max_jobs before a single job exists).
+literal seeds) and their count, its named input images and the "image N" words that stand for
+them in a prompt, and the job count of a whole recipe (checked against max_jobs before a single job exists).
 No torch here.
 """
 from __future__ import annotations
@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .jobs import ImageRef, Scoring
 from .recipe import Instruction, Loc, Recipe, RecipeError, Shot
-from .sweep import Cell, cell_count, cells
+from .sweep import Cell, cell_count, cells, placeholder_axes
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,39 @@ def image_words(numbers: list[int]) -> str:
     if len(numbers) == 1:
         return f"image {numbers[0]}"
     return "images " + ", ".join(map(str, numbers[:-1])) + f" and {numbers[-1]}"
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """The named input images of a job, in order, and what a prompt calls them."""
+
+    refs: dict[str, tuple[ImageRef, ...]]  # name -> its images (characters first, then extras)
+    words: dict[str, str]  # name -> "image 2" / "images 1 and 2", for {name} in a prompt
+    cast: tuple[str, ...]  # the names that are characters (scored for consistency)
+
+    @classmethod
+    def number(cls, refs: dict, cast: set, first: int) -> "Subjects":
+        words, n = {}, first
+        for name, group in refs.items():
+            words[name] = image_words(list(range(n, n + len(group))))
+            n += len(group)
+        return cls(refs, words, tuple(name for name in refs if name in cast))
+
+    @property
+    def inputs(self) -> tuple[ImageRef, ...]:
+        return tuple(ref for group in self.refs.values() for ref in group)
+
+    def scoring(self, prompt: str) -> Scoring:
+        """Consistency with every character's references, and with each one's on its own."""
+        return Scoring(text=prompt, references=tuple(r for n in self.cast for r in self.refs[n]),
+                       characters={n: [r.key for r in self.refs[n]] for n in self.cast})
+
+
+def placeholders(names) -> dict[str, str]:
+    """Placeholders (a sweep's, or image names) standing for themselves: a job is named after
+    its template, not after one cell's values."""
+    names = names if isinstance(names, dict) else placeholder_axes(names)
+    return {name: name for name in names}
 
 
 def job_counts(recipe: Recipe) -> list[tuple[Loc, int]]:

@@ -23,12 +23,13 @@ from typing import Any
 from .config import ClipConfig, RunConfig
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .cost import Estimate, estimate, forwards_per_image  # noqa: F401 (re-exported)
-from .sweep import placeholder_axes
-from .expand import Variation, check_job_count, image_words, seed_setting, variations
+from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
+                     variations)
 from .jobs import ImageRef, Job, Scoring, job_id
 from .prompt_budget import image_positions, text_budget
-from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RANDOM_WEIGHTS,
-                     SIZE_STEP, Instruction, Loc, Recipe, RecipeError, Shot)
+from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, Instruction, Loc, Recipe,
+                     RecipeError, Shot)
+from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
 
 MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
 SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
@@ -337,12 +338,10 @@ class JobBuilder:
                 by_inputs.setdefault(job.inputs, []).append(at)
         for inputs, places in by_inputs.items():
             others = f" (and {len(places) - 1} more jobs)" if len(places) > 1 else ""
-            message = (f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
-                       f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the best ones")
-            if len(inputs) > MAX_REF_IMAGES:  # the transformer has no embedding for a 6th
-                self.errors.append(f"{message} (the model takes at most {MAX_REF_IMAGES})")
-            else:
-                warnings.append(message)
+            # (over MAX_REF_IMAGES never gets here: `subjects` refuses it while building)
+            warnings.append(f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
+                            f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the "
+                            "best ones")
         return warnings
 
     def check_prompt_lengths(self) -> None:
@@ -376,39 +375,6 @@ class JobBuilder:
             except ImageError:
                 self._sizes[path] = (1, 1)
         return self._sizes[path]
-
-
-@dataclass(frozen=True)
-class Subjects:
-    """The named input images of a job, in order, and what a prompt calls them."""
-
-    refs: dict[str, tuple[ImageRef, ...]]  # name -> its images (characters first, then extras)
-    words: dict[str, str]  # name -> "image 2" / "images 1 and 2", for {name} in a prompt
-    cast: tuple[str, ...]  # the names that are characters (scored for consistency)
-
-    @classmethod
-    def number(cls, refs: dict, cast: set, first: int) -> "Subjects":
-        words, n = {}, first
-        for name, group in refs.items():
-            words[name] = image_words(list(range(n, n + len(group))))
-            n += len(group)
-        return cls(refs, words, tuple(name for name in refs if name in cast))
-
-    @property
-    def inputs(self) -> tuple[ImageRef, ...]:
-        return tuple(ref for group in self.refs.values() for ref in group)
-
-    def scoring(self, prompt: str) -> Scoring:
-        """Consistency with every character's references, and with each one's on its own."""
-        return Scoring(text=prompt, references=tuple(r for n in self.cast for r in self.refs[n]),
-                       characters={n: [r.key for r in self.refs[n]] for n in self.cast})
-
-
-def placeholders(names) -> dict[str, str]:
-    """Placeholders (a sweep's, or image names) standing for themselves: a job is named after
-    its template, not after one cell's values."""
-    names = names if isinstance(names, dict) else placeholder_axes(names)
-    return {name: name for name in names}
 
 
 def derive_seed(base: int, job: Job) -> int:

@@ -60,8 +60,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .config import DTYPES, OFFLOADS
-from .recipe_types import (MAX_SIDE, MIN_SIDE, NAME_PATTERN, SCHEDULERS, SIZE_STEP,  # noqa: F401
-                           CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text, VarName,
+from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text,
+                           VarName,
                            check_clashes, check_template, check_unique, known_names,
                            resolve_inside)
 from .rules import LADDER_STEPS, METRICS

@@ -78,8 +78,10 @@ class Sweep:
         params = {name: {"type": "array", "minItems": 1, "items": type_schema(tp, defs)}
                   for name, tp in PARAMETERS.items()}
         words = {"type": "array", "minItems": 1, "items": {"type": "string"}}
+        # a placeholder is any other name: JSON Schema applies both to a key that matches both
+        other = f"^(?!({'|'.join(PARAMETERS)})$){PLACEHOLDER}$"
         return {"type": "object", "minProperties": 1, "maxProperties": MAX_AXES,
-                "properties": params, "patternProperties": {f"^{PLACEHOLDER}$": words},
+                "properties": params, "patternProperties": {other: words},
                 "additionalProperties": False}
 
 
