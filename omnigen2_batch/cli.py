@@ -463,5 +463,19 @@ def export(run_dir: str, dest: str, picked: bool, force: bool, as_json: bool) ->
     return Reply(result.to_dict(), text, result.exit_code, notes)
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--clear", is_flag=True, help="forget earlier picks first")
+@json_option
+def pick(run_dir: str, images: tuple[str, ...], clear: bool, as_json: bool) -> Reply:
+    """Mark kept IMAGES of RUN_DIR as picked, for `export --picked`. An IMAGE is a kept file,
+    or a job id (8+ characters) with an optional variant: 3f2a9c01, 3f2a9c01:v2."""
+    from .picks import pick_images
+
+    picks = pick_images(run_dir, list(images), clear=clear)
+    return Reply({"picks": picks}, f"{run_dir}: {len(picks)} picked images")
+
+
 if __name__ == "__main__":  # python -m omnigen2_batch.cli ...
     main()

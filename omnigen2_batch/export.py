@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 from .errors import EXIT_USER, BatchError
 from .store import RunStore, StoreError
+from .store.variants import PICKS, pick_key, ranking_of
 
 MANIFEST_JSONL = "manifest.jsonl"
 MANIFEST_CSV = "manifest.csv"
@@ -38,7 +39,7 @@ ATTEMPT_PARAMS = ("steps", "width", "height", "text_guidance", "image_guidance",
                   "scheduler")
 # CSV columns in this order first; any others (score.*, params.*) follow, sorted.
 COLUMNS = ("file", "section", "name", "job_id", "kind", "lang", "pair", "prompt",
-           "negative_prompt", "seed", "strategy", "attempt", "attempts", *ATTEMPT_PARAMS,
+           "negative_prompt", "seed", "variant", "strategy", "attempt", "attempts", *ATTEMPT_PARAMS,
            "model", "max_input_side", "source")
 NAME_BYTES = 200  # stem budget: file names are limited to 255 bytes on common filesystems
 
@@ -124,7 +125,7 @@ def _plan_entries(run_dir: Path, picked: bool) -> tuple[list[Entry], list[dict[s
     """What to export, in plan order, and the kept jobs that cannot be (with the reason)."""
     try:
         with RunStore.open(run_dir, readonly=True) as store:
-            rows = [row for row in store.jobs() if row["status"] == "kept"]  # not superseded
+            rows = [_with_variants(row) for row in store.jobs() if row["status"] == "kept"]
             if picked:
                 rows = _only_picked(rows, store.meta())
             attempts = {row["id"]: store.attempts(row["id"]) for row in rows}
@@ -136,26 +137,35 @@ def _plan_entries(run_dir: Path, picked: bool) -> tuple[list[Entry], list[dict[s
         raise ExportError(f"{run_dir}: the manifest cannot be read ({exc}); is this a run dir?") from None
     entries, problems, names = [], [], set()
     for row in rows:
-        try:
-            entries.append(_entry(run_dir, row, attempts[row["id"]], names))
-        except ExportError as exc:
-            problems.append(_problem(row["id"], row["section"], row["name"], str(exc)))
+        for variant in row["export"]:
+            try:
+                entries.append(_entry(run_dir, {**row, **variant}, attempts[row["id"]], names))
+            except ExportError as exc:
+                problems.append(_problem(row["id"], row["section"], row["name"], str(exc)))
     return entries, problems
 
 
+def _with_variants(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with "export": each of its images (rank 1 is the job's image; a job that keeps
+    several variants exports each as its own record)."""
+    ranking = ranking_of(row.get("variants"))
+    images = [{"variant": v["rank"], "image": v["image"], "best": v["n"]} for v in ranking]
+    return {**row, "export": images or [{"variant": 1}]}
+
+
 def _only_picked(rows: list[dict[str, Any]], meta: dict[str, str]) -> list[dict[str, Any]]:
-    """Rows marked as picked: a `picked` column, or a `picks` meta key (a JSON list of job ids).
-    The `pick` command (issue 13) decides which; both shapes are read until it lands."""
+    """Rows with only their picked images: a `picks` meta key (what `pick` writes: "<job id>"
+    or "<job id>:v<rank>"), or a `picked` column (the job's image)."""
     if rows and "picked" in rows[0]:
-        chosen = [row for row in rows if row["picked"]]
-    elif "picks" in meta:
-        ids = set(json.loads(meta["picks"] or "[]"))
-        chosen = [row for row in rows if row["id"] in ids]
+        chosen = {pick_key(row["id"], 1) for row in rows if row["picked"]}
     else:
-        chosen = []
-    if not chosen:
+        chosen = set(json.loads(meta.get(PICKS) or "[]"))
+    rows = [{**row, "export": [v for v in row["export"]
+                               if pick_key(row["id"], v["variant"]) in chosen]} for row in rows]
+    rows = [row for row in rows if row["export"]]
+    if not rows:
         raise ExportError(NO_PICKS)
-    return chosen
+    return rows
 
 
 def _entry(run_dir: Path, row: dict[str, Any], attempts: list[dict[str, Any]],
@@ -166,7 +176,8 @@ def _entry(run_dir: Path, row: dict[str, Any], attempts: list[dict[str, Any]],
     if not source.is_file():
         raise ExportError(f"image file missing: {row['image']}")
     attempt = _kept_attempt(row, attempts, source)
-    return Entry(source, _record(row, attempt, _flat_name(row, names)))
+    record = _record(row, attempt, _flat_name(row, names))
+    return Entry(source, {**record, "variant": row["variant"]})
 
 
 def _kept_attempt(row: dict[str, Any], attempts: list[dict[str, Any]], source: Path) -> dict[str, Any]:
@@ -214,13 +225,14 @@ def _problem(job_id: str, section: str, name: str, error: str) -> dict[str, str]
 # --------------------------------------------------------------------------------- names
 def _flat_name(row: dict[str, Any], taken: set[str]) -> str:
     """`<section>__<name>-<id8>.png`, unique even on case-insensitive filesystems."""
-    stem = _clip_bytes(f"{_safe(row['section'])}__{_safe(row['name'])}", NAME_BYTES)
+    variant = f"-v{row['variant']}" if row.get("variant", 1) > 1 else ""
+    stem = _clip_bytes(f"{_safe(row['section'])}__{_safe(row['name'])}", NAME_BYTES) + variant
     for suffix in (row["id"][:8], row["id"]):  # the full id only when the prefix collides
         name = f"{stem}-{suffix}.png"
         if name.casefold() not in taken:
             taken.add(name.casefold())
             return name
-    raise ExportError(f"two kept jobs share the id {row['id']}")  # the manifest's key: cannot be
+    raise ExportError(f"two kept images share the id {row['id']}{variant}")  # the manifest's key: cannot be
 
 
 def _safe(label: str) -> str:

@@ -45,6 +45,8 @@ class Scoring:
     source_caption: str = ""  # edit direction: caption of the input ...
     target_caption: str = ""  # ... and of the wanted output
     pair: str = ""  # bilingual pair key shared by the EN and ZH job; "" otherwise
+    # character -> the keys of its references (a subset of `references`): scored one by one
+    characters: dict[str, list[str]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # metric -> minimum to pass
 
 
@@ -78,6 +80,9 @@ class Job:
     candidates: int = 1  # best-of-N first attempts
     max_attempts: int = 3  # budget for the reflection ladder (candidates included)
     ladder: tuple[str, ...] = ()  # strategy names after the first attempt; () = the default
+    variants: int = 1  # passing images to keep, ranked (the best is the job's image)
+    # sweep cell labels: {"axes": [...], "at": [...], "values": [...], "base": name}; {} if none
+    sweep: dict[str, Any] = field(default_factory=dict)
     scoring: Scoring = field(default_factory=Scoring)
 
     @cached_property  # hashed once: a resume scan of 10,000 jobs asks for ids many times

@@ -7,7 +7,7 @@
   An English/Chinese pair shares the seed of its English job.
 - Every input image is inspected (images.inspect_input) before anything runs: unusable files are
   errors, poor ones warnings (errors under `strict`); every prompt must fit the model's text
-  positions (prompt_budget.py). Jobs are counted before any is built (MAX_JOBS).
+  positions (prompt_budget.py). Jobs are counted before any is built (expand.py, max_jobs).
 No torch here: `plan` and `validate` answer in well under a second.
 """
 from __future__ import annotations
@@ -15,49 +15,26 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .config import ClipConfig, RunConfig
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
+from .cost import Estimate, estimate
+from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
+                     variations)
 from .jobs import ImageRef, Job, Scoring, job_id
 from .prompt_budget import image_positions, text_budget
-from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, MAX_SIDE, MIN_SIDE, RANDOM_WEIGHTS,
-                     SIZE_STEP, Instruction, Loc, Recipe, RecipeError, Shot)
+from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, Instruction, Loc, Recipe,
+                     RecipeError, Shot)
+from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
 
-MAX_JOBS = 10_000
 MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
 SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
 # OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
 IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
-
-# Rough transformer cost, from the official pipeline on one H200, bf16, 50 steps
-# (/work/shared/ENVIRONMENT.md): t2i 1024x1024 = 10.5 s for 100 forwards (2 per step with text
-# CFG) -> 0.1 s per forward per megapixel of tokens; cfg_range (0, 0.6) 8.3 s for 81 forwards
-# agrees; an edit with one 1024x1024 input (its tokens join the sequence, 3 forwards per step)
-# 27.0 s for 150 forwards is 0.18 s (the model says 0.21). Small images are launch-bound:
-# 512x512 batched 8 per call = 2.3 s per image, 0.023 s per forward, the floor used here.
-SECONDS_PER_FORWARD_MEGAPIXEL = 0.10
-MIN_SECONDS_PER_FORWARD = 0.023
-COST_BASIS = ("rough H200 bf16 seconds from the official pipeline's timings; ignores the "
-              "MLLM, VAE and scoring, and counts each input image as output-sized")
-
-
-@dataclass(frozen=True)
-class Estimate:
-    jobs: int
-    images: int  # one attempt per candidate, every job passing at once
-    images_worst: int  # every job spends its attempt budget
-    forwards: int  # transformer forward passes
-    forwards_worst: int
-    gpu_seconds: float
-    gpu_seconds_worst: float
-    basis: str = COST_BASIS
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass
 class Plan:
@@ -108,29 +85,6 @@ def resolve_model(spec: str) -> str:
     return str(path)
 
 
-def job_counts(recipe: Recipe) -> list[tuple[Loc, int]]:
-    """How many jobs each entry of the recipe makes, counted without building any."""
-    counts = [(("characters", name), 1) for name, c in recipe.characters.items() if c.portrait]
-    counts += [(("prompts", i), len(g.templates()) * math.prod(map(len, (g.matrix or {}).values())))
-               for i, g in enumerate(recipe.prompts)]
-    counts += [(("series", i), len(s.shots)) for i, s in enumerate(recipe.series)]
-    counts += [(("edits", i), len(c.instructions) * sum(map(len, c.inputs)))
-               for i, c in enumerate(recipe.edits)]
-    counts += [(("bilingual", i), 2 * len(g.pairs)) for i, g in enumerate(recipe.bilingual)]
-    return counts
-
-
-def check_job_count(recipe: Recipe) -> None:
-    """Refuse a recipe over MAX_JOBS before building a single job: built first, 1,700 groups
-    just under the limit each would fill the memory before the total could be checked."""
-    counts = job_counts(recipe)
-    total = sum(count for _, count in counts)
-    if total > MAX_JOBS:
-        at, most = max(counts, key=lambda entry: entry[1])
-        raise RecipeError([f"{recipe.where(at)}: the recipe makes {total:,} jobs (this entry "
-                           f"{most:,}); the limit is {MAX_JOBS:,}: split it into several recipes"])
-
-
 def run_config(recipe: Recipe, model: str) -> RunConfig:
     """The RunConfig a recipe asks for; unset scoring keys take the built-in defaults."""
     given = recipe.defaults.scoring
@@ -169,9 +123,10 @@ class JobBuilder:
         recipe = self.recipe
         for name, character in recipe.characters.items():
             if character.portrait:
-                self.anchors[name] = self.add(("characters", name, "portrait"), [character],
-                                              "t2i", character.portrait, f"characters/{name}",
-                                              "portrait")
+                base, seeds = seed_setting(recipe, [character])
+                self.anchors[name] = self.add(
+                    ("characters", name, "portrait"), [character], "t2i", character.portrait,
+                    f"characters/{name}", "portrait", seed=seeds[0] if seeds else None)
         for index, group in enumerate(recipe.prompts):
             self.add_prompts(("prompts", index), group)
         for index, series in enumerate(recipe.series):
@@ -184,60 +139,111 @@ class JobBuilder:
 
     def add_prompts(self, at: Loc, group) -> None:
         fixed, matrix = group.vars or {}, group.matrix or {}
+        subjects = self.subjects(at, group.characters or (), group.images or {})
+        if subjects is None:
+            return
+        kind = "incontext" if subjects.inputs else "t2i"
         for index, template in enumerate(group.templates()):
             where = at + ("prompt",) + ((index,) if isinstance(group.prompt, list) else ())
             for values in itertools.product(*matrix.values()):
-                prompt = template.format_map({**fixed, **dict(zip(matrix, values))})
-                self.add(where, [group], "t2i", prompt, f"prompts/{group.name}", slug(prompt))
+                values = {**fixed, **dict(zip(matrix, values))}
+                name = slug(template.format_map(
+                    {**values, **placeholders(group.sweep), **placeholders(subjects.words)}))
+                for var in variations(self.recipe, [group], group.sweep):
+                    prompt = template.format_map({**values, **subjects.words, **var.cell.text})
+                    self.add(where, [group], kind, prompt, f"prompts/{group.name}", name,
+                             var=var, inputs=subjects.inputs, scoring=subjects.scoring(prompt))
 
     def add_series(self, at: Loc, series) -> None:
-        character = self.recipe.characters[series.character]
-        if character.portrait:
-            refs = (ImageRef(f"job:{self.anchors[series.character].id}"),)
-        else:
-            refs = tuple(self.file_ref(file) for file in character.references)
+        section = f"series/{series.name or series.character}"
         for index, shot in enumerate(series.shots):
             shot = shot if isinstance(shot, Shot) else Shot(prompt=shot)
-            self.add(at + ("shots", index), [series, shot], "incontext", shot.prompt,
-                     f"series/{series.name or series.character}", shot.name or slug(shot.prompt),
-                     inputs=refs, scoring=Scoring(text=shot.prompt, references=refs))
+            where = at + ("shots", index)
+            images = {**(series.images or {}), **(shot.images or {})}
+            subjects = self.subjects(where, series.cast(), images)
+            if subjects is None:
+                continue
+            name = shot.name or slug(shot.prompt.format_map(
+                {**placeholders(subjects.words), **placeholders(series.sweep)}))
+            for var in variations(self.recipe, [series, shot], series.sweep):
+                prompt = shot.prompt.format_map({**subjects.words, **var.cell.text})
+                self.add(where, [series, shot], "incontext", prompt, section, name, var=var,
+                         inputs=subjects.inputs, scoring=subjects.scoring(prompt))
 
     def add_edits(self, at: Loc, campaign) -> None:
         files = [file for matched in campaign.inputs for file in matched]
         for index, item in enumerate(campaign.instructions):
             item = item if isinstance(item, Instruction) else Instruction(instruction=item)
+            where = at + ("instructions", index)
+            images = {**(campaign.images or {}), **(item.images or {})}
+            extras = self.subjects(where, (), images, first=2)
+            is_template = bool(images or campaign.sweep and placeholders(campaign.sweep))
+            if extras is None:
+                continue
             for file in files:
                 ref = self.file_ref(file)
                 label = f"{slug(file.path.stem, 24)}-{item.name or slug(item.instruction, 24)}"
-                scoring = Scoring(text=item.target_caption or item.instruction, source=ref,
-                                  source_caption=item.source_caption or "",
-                                  target_caption=item.target_caption or "")
                 size = item.size or campaign.size or "input"
-                if size == "input":
-                    size = self.input_size(file.path)
-                self.add(at + ("instructions", index), [campaign, item], "edit",
-                         item.instruction, f"edits/{campaign.name}", label, inputs=(ref,),
-                         scoring=scoring, size=size)
+                size = self.input_size(file.path) if size == "input" else size
+                for var in variations(self.recipe, [campaign, item], campaign.sweep):
+                    text = (item.instruction.format_map({**extras.words, **var.cell.text})
+                            if is_template else item.instruction)
+                    scoring = Scoring(text=item.target_caption or text, source=ref,
+                                      source_caption=item.source_caption or "",
+                                      target_caption=item.target_caption or "")
+                    self.add(where, [campaign, item], "edit", text, f"edits/{campaign.name}",
+                             label, var=var, inputs=(ref, *extras.inputs), scoring=scoring,
+                             size=size)
 
     def add_bilingual(self, at: Loc, group) -> None:
+        is_template = bool(placeholders(group.sweep))
         for index, pair in enumerate(group.pairs):
             name = pair.name or slug(pair.en)
-            key = f"{group.name}/{name}"
             section, layers = f"bilingual/{group.name}", [group, pair]
-            en = self.add(at + ("pairs", index, "en"), layers, "t2i", pair.en, section,
-                          f"{name}-en", scoring=Scoring(text=pair.en, pair=key))
-            self.add(at + ("pairs", index, "zh"), layers, "t2i", pair.zh, section, f"{name}-zh",
-                     lang="zh", scoring=Scoring(text=pair.en, pair=key), seed=en.seed)
+            for var in variations(self.recipe, layers, group.sweep):
+                en, zh = ((side.format_map(var.cell.text) if is_template else side)
+                          for side in (pair.en, pair.zh))
+                key = f"{group.name}/{name}{var.suffix}"
+                en_job = self.add(at + ("pairs", index, "en"), layers, "t2i", en, section,
+                                  f"{name}-en", var=var, scoring=Scoring(text=en, pair=key))
+                self.add(at + ("pairs", index, "zh"), layers, "t2i", zh, section, f"{name}-zh",
+                         var=replace(var, seed=en_job.seed), lang="zh",
+                         scoring=Scoring(text=en, pair=key))
+
+    def subjects(self, at: Loc, cast, images: dict, first: int = 1) -> "Subjects | None":
+        """The input images a job names, in order (each character's references, then the
+        extra images), numbered from `first`; None (an error recorded) beyond the model's limit."""
+        refs: dict[str, tuple[ImageRef, ...]] = {}
+        for name in cast:
+            character = self.recipe.characters[name]
+            refs[name] = ((ImageRef(f"job:{self.anchors[name].id}"),) if character.portrait
+                          else tuple(self.file_ref(file) for file in character.references))
+        refs.update((name, (self.file_ref(file),)) for name, file in images.items())
+        total = first - 1 + sum(map(len, refs.values()))
+        if total > MAX_REF_IMAGES:
+            parts = ", ".join(f"{name} {len(group)}" for name, group in refs.items())
+            edit = " (the edit's input is image 1)" if first > 1 else ""
+            self.errors.append(f"{self.recipe.where(at)}: {total} input images ({parts}){edit}; "
+                               f"the model takes at most {MAX_REF_IMAGES} per job: drop a "
+                               "reference image, an extra image or a character")
+            return None
+        return Subjects.number(refs, set(cast), first)
 
     def add(self, at: Loc, layers: list, kind: str, prompt: str, section: str, name: str, *,
-            inputs: tuple = (), scoring: Scoring | None = None, lang: str = "en",
-            size: tuple | None = None, seed: int | None = None) -> Job:
-        """Make one job from the settings of `layers` (nearest last) and record it."""
+            var: Variation | None = None, inputs: tuple = (), scoring: Scoring | None = None,
+            lang: str = "en", size: tuple | None = None, seed: int | None = None) -> Job:
+        """Make one job from the settings of `layers` (nearest last; a sweep cell's values
+        over them all) and record it."""
+        if var is not None:
+            cell = {k: v for k, v in var.cell.settings.items() if k != "seed"}
+            layers = [*layers, SimpleNamespace(scoring=None, **cell)]
+            seed, name = var.seed, name + var.suffix
         get = lambda key: self.setting(layers, key)  # noqa: E731
         candidates, max_attempts = get("candidates"), get("max_attempts")
-        if candidates > max_attempts:
-            self.errors.append(f"{self.recipe.where(at)}: candidates ({candidates}) exceeds "
-                               f"max_attempts ({max_attempts}), which counts them too")
+        for key in ("candidates", "variants"):
+            if get(key) > max_attempts:
+                self.errors.append(f"{self.recipe.where(at)}: {key} ({get(key)}) exceeds "
+                                   f"max_attempts ({max_attempts}), which counts them too")
         width, height = size or get("size")
         scoring = scoring or Scoring(text=prompt)
         job = Job(section=section, name=self.unique_name(section, name), kind=kind,
@@ -249,9 +255,12 @@ class JobBuilder:
                   cfg_range=get("cfg_range"), scheduler=get("scheduler"), model=self.model,
                   max_input_side=get("max_input_side"),
                   lang=lang, candidates=candidates, max_attempts=max_attempts,
-                  ladder=tuple(get("ladder")),
+                  variants=get("variants"), ladder=tuple(get("ladder")),
+                  sweep={**var.cell.labels, "base": name[:len(name) - len(var.suffix)]}
+                  if var is not None and var.cell.labels else {},
                   scoring=replace(scoring, thresholds=self.thresholds(layers)))
-        job = job.with_(seed=derive_seed(get("seed"), job) if seed is None else seed)
+        base_seed = seed_setting(self.recipe, layers)[0] or 0
+        job = job.with_(seed=derive_seed(base_seed, job) if seed is None else seed)
         self.jobs.append((job, at))
         return job
 
@@ -329,12 +338,10 @@ class JobBuilder:
                 by_inputs.setdefault(job.inputs, []).append(at)
         for inputs, places in by_inputs.items():
             others = f" (and {len(places) - 1} more jobs)" if len(places) > 1 else ""
-            message = (f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
-                       f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the best ones")
-            if len(inputs) > MAX_REF_IMAGES:  # the transformer has no embedding for a 6th
-                self.errors.append(f"{message} (the model takes at most {MAX_REF_IMAGES})")
-            else:
-                warnings.append(message)
+            # (over MAX_REF_IMAGES never gets here: `subjects` refuses it while building)
+            warnings.append(f"{self.recipe.where(places[0])}: {len(inputs)} input images for one "
+                            f"job{others}; OmniGen2 handles at most {MAX_INPUTS} well: keep the "
+                            "best ones")
         return warnings
 
     def check_prompt_lengths(self) -> None:
@@ -416,6 +423,7 @@ def describe_plan(plan: Plan) -> str:
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4]
              for row in rows]
     cost = plan.estimate
+    lines += sweep_lines(plan.jobs)
     lines += ["", f"model {plan.config.model}, executor {plan.config.executor}",
               f"{cost.jobs} jobs, {cost.images} images (worst case {cost.images_worst}), "
               f"{cost.forwards} transformer forwards (worst {cost.forwards_worst})",
@@ -424,31 +432,18 @@ def describe_plan(plan: Plan) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-# ---- cost -----------------------------------------------------------------------------------
-
-def forwards_per_image(job: Job) -> int:
-    """Transformer forwards for one image: inside cfg_range 3 with text and image guidance,
-    2 with text guidance only, else 1 (the official sampler's rule)."""
-    start, end = job.cfg_range
-    guided = sum(1 for i in range(job.steps) if start <= i / job.steps <= end)
-    per_guided = 1 + (job.text_guidance > 1) + (job.text_guidance > 1 and job.image_guidance > 1
-                                                 and bool(job.inputs))
-    return guided * per_guided + (job.steps - guided)
-
-
-def seconds_per_forward(job: Job) -> float:
-    megapixels = job.width * job.height * (1 + len(job.inputs)) / 2**20
-    return max(MIN_SECONDS_PER_FORWARD, SECONDS_PER_FORWARD_MEGAPIXEL * megapixels)
-
-
-def estimate(jobs: list[Job]) -> Estimate:
-    best = [job.candidates for job in jobs]
-    worst = [job.max_attempts for job in jobs]
-    forwards = [forwards_per_image(job) for job in jobs]
-    cost = [f * seconds_per_forward(job) for f, job in zip(forwards, jobs)]
-    return Estimate(
-        jobs=len(jobs), images=sum(best), images_worst=sum(worst),
-        forwards=sum(n * f for n, f in zip(best, forwards)),
-        forwards_worst=sum(n * f for n, f in zip(worst, forwards)),
-        gpu_seconds=round(sum(n * c for n, c in zip(best, cost)), 1),
-        gpu_seconds_worst=round(sum(n * c for n, c in zip(worst, cost)), 1))
+def sweep_lines(jobs: list[Job]) -> list[str]:
+    """One line per swept section: its axes, job count and cost, before anything runs."""
+    sections: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.sweep:
+            sections.setdefault(job.section, []).append(job)
+    lines = []
+    for section, cells in sections.items():
+        axes = cells[0].sweep["axes"]
+        sizes = [len({tuple(job.sweep["values"])[i] for job in cells}) for i in range(len(axes))]
+        shape = " x ".join(f"{axis} {size}" for axis, size in zip(axes, sizes))
+        cost = estimate(cells)
+        lines.append(f"sweep {section}: {shape}: {cost.jobs} jobs, ~{cost.gpu_seconds:g} "
+                     f"GPU-seconds (worst {cost.gpu_seconds_worst:g})")
+    return [""] + lines if lines else []

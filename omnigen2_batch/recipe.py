@@ -8,23 +8,8 @@ group (and every item inside one) may override any generation setting from `defa
     executor: local                  # local | ray
     batch_size: 4                    # images per pipeline call (same-shape jobs only)
     keep_attempts: false             # also keep every attempt's image, not only the kept one
-    defaults:                        # generation settings for every job (built-ins below)
-      size: [1024, 1024]             # [width, height], multiples of 16, sides 64..2048
-      steps: 50
-      text_guidance: 5.0             # 1.0 = no text guidance
-      image_guidance: 2.0            # unset: 2.0 for edits, 2.5 in-context; t2i has none
-      cfg_range: [0.0, 1.0]          # fraction of the steps where guidance applies
-      scheduler: euler               # euler | dpmsolver++
-      negative_prompt: "blurry, ..."
-      candidates: 1                  # best-of-N first attempts
-      max_attempts: 3                # attempt budget, candidates included
-      seed: 0                        # base of every job's derived seed
-      ladder: [new_seed, stronger_guidance, refine, ask_mllm]   # retries, in order
-      scoring:
-        enabled: true
-        model: ViT-B-32              # open_clip model (run-wide)
-        pretrained: openai
-        thresholds: {text: 0.25}     # metric -> minimum cosine to pass (see METRICS)
+    defaults: {size: [1024, 1024], steps: 50, seed: 0, scoring: {thresholds: {text: 0.25}}}
+                                     # every generation setting (GenOptions below; README)
     prompts:                         # text-to-image; {var} placeholders
       - name: animals
         prompt: "a {animal} in {style} style"    # or a list of templates
@@ -33,9 +18,12 @@ group (and every item inside one) may override any generation setting from `defa
     characters:                      # who appears in a series
       mira: {references: [assets/mira.png]}      # 1-3 reference images, or ...
       robo: {portrait: "a round white robot"}    # ... a prompt generated once as the anchor
-    series:                          # in-context shots of one character
-      - character: mira
-        shots: ["mira reading in a library", {prompt: "mira at sea", size: [1024, 768]}]
+    series:                          # in-context shots of one character, or several
+      - characters: [mira, robo]               # their references are images 1, 2, ...
+        images: {ball: assets/ball.png}        # extra references after them
+        seeds: [1, 7]                          # one job per literal seed
+        sweep: {text_guidance: [4, 6]}         # X (Y, Z) axes: a labelled grid per shot
+        shots: ["the girl from {mira} throws {ball} to the robot from {robo}"]
     edits:                           # every input x every instruction
       - name: night
         inputs: [assets/street_*.png]            # paths or globs
@@ -62,38 +50,36 @@ No torch here: `validate` and `plan` must answer in well under a second.
 """
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import math
 import os
 import re
 import stat
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from .config import DTYPES, OFFLOADS
-from .images import ImageError, find_inputs
+from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text,
+                           VarName,
+                           check_clashes, check_template, check_unique, known_names,
+                           resolve_inside)
 from .rules import LADDER_STEPS, METRICS
-from .typed_yaml import (INVALID, Context, DocumentError, Loc, Pattern, Range, Source,
-                         apply_overrides, convert_dataclass, dataclass_schema, did_you_mean, field_name, json_kind,
-                         opt, parse_yaml, req, show)
+from .sweep import Sweep, check_axes, placeholder_axes
+from .typed_yaml import (INVALID, Context, DocumentError, Loc, Range, Source, apply_overrides,
+                         convert_dataclass, dataclass_schema, did_you_mean, json_kind,
+                         opt, parse_yaml, req)
 
 DEFAULT_MODEL = "OmniGen2/OmniGen2"
-SCHEDULERS = ("euler", "dpmsolver++")
-MIN_SIDE, MAX_SIDE, SIZE_STEP = 64, 2048, 16
 MAX_RECIPE_BYTES = 1 << 20
-# Patterns are matched whole (typed_yaml.Pattern uses fullmatch, as must every check here: a
-# "$" lets a trailing newline through); the ^...$ also make them right as JSON Schema patterns.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$"  # part of file names: short, plain ASCII
+MAX_JOBS, MAX_JOBS_CEILING = 10_000, 100_000  # max_jobs: its default, and the most it may say
 HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"
 
 # What a setting is when no level of the recipe sets it (image_guidance: see plan.py).
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "size": (1024, 1024), "steps": 50, "text_guidance": 5.0, "cfg_range": (0.0, 1.0),
     "scheduler": "euler", "candidates": 1, "max_attempts": 3, "seed": 0, "ladder": (),
+    "variants": 1,
     "max_input_side": 1024,
     "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
                        "watermark, text artifacts",
@@ -105,140 +91,6 @@ RANDOM_WEIGHTS = "random"  # scoring.pretrained value for seeded random CLIP wei
 
 class RecipeError(DocumentError):
     """An invalid recipe (or plan); `errors` holds every "file:line: field: message"."""
-
-
-# ---- recipe-specific schema types ---------------------------------------------------------
-
-Name = Annotated[str, Pattern(NAME_PATTERN, "a name of letters, digits, '_', '-' or '.' (at "
-                                             "most 80, starting with a letter or digit)")]
-Text = Annotated[str, Pattern(r"\s*\S[\s\S]*", "non-empty text")]
-VarName = Annotated[str, Pattern(r"^[A-Za-z_]\w*$", "a placeholder name like subject")]
-
-
-def number_pair(value) -> bool:
-    """Two finite numbers (YAML's .nan and .inf are floats no size or range can use)."""
-    return (isinstance(value, list) and len(value) == 2
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                    and math.isfinite(v) for v in value))
-
-
-class Size:
-    """[width, height] in pixels: multiples of 16, each side from 64 to 2048."""
-
-    KINDS, DESCRIPTION = {"array"}, "[width, height]"
-
-    @staticmethod
-    def convert(value, at, ctx):
-        ok = number_pair(value) and all(v == int(v) for v in value)
-        if not ok or any(int(v) % SIZE_STEP for v in value):
-            ctx.error(at, f"expected [width, height] multiples of {SIZE_STEP}, got {show(value)}")
-            return INVALID
-        if not all(MIN_SIDE <= v <= MAX_SIDE for v in value):
-            ctx.error(at, f"expected [width, height] with each side from {MIN_SIDE} to "
-                          f"{MAX_SIDE}, got {show(value)}")
-            return INVALID
-        return (int(value[0]), int(value[1]))
-
-    @staticmethod
-    def schema() -> dict:
-        side = {"type": "integer", "multipleOf": SIZE_STEP, "minimum": MIN_SIDE,
-                "maximum": MAX_SIDE}
-        return {"type": "array", "items": side, "minItems": 2, "maxItems": 2}
-
-
-class CfgRange:
-    """[start, end]: the fraction of the denoising steps where guidance applies."""
-
-    KINDS, DESCRIPTION = {"array"}, "[start, end]"
-
-    @staticmethod
-    def convert(value, at, ctx):
-        if not (number_pair(value) and 0 <= value[0] <= value[1] <= 1):
-            ctx.error(at, f"expected [start, end] with 0 <= start <= end <= 1, got {show(value)}")
-            return INVALID
-        return (float(value[0]), float(value[1]))
-
-    @staticmethod
-    def schema() -> dict:
-        unit = {"type": "number", "minimum": 0, "maximum": 1}
-        return {"type": "array", "items": unit, "minItems": 2, "maxItems": 2}
-
-
-@dataclass(frozen=True)
-class InputFile:
-    """An image file the recipe names: a path relative to the recipe file."""
-
-    KINDS, DESCRIPTION = {"string"}, "a file path"
-    path: Path  # absolute, symlinks resolved
-    where: str  # "recipe.yaml:12: edits[0].inputs[1]", for messages about this file
-
-    @classmethod
-    def convert(cls, value, at, ctx):
-        if not isinstance(value, str) or not value.strip():
-            ctx.error(at, f"expected a file path, got {show(value)}")
-            return INVALID
-        path = resolve_inside(value, at, ctx)
-        if path is None:
-            return INVALID
-        if not is_regular_file(path):
-            ctx.error(at, f"no such file: {value} (looked for {path})")
-            return INVALID
-        return cls(path, ctx.source.where(at))
-
-    @staticmethod
-    def schema() -> dict:
-        return {"type": "string", "minLength": 1}
-
-
-class InputGlob:
-    """A file path or a glob pattern ("assets/*.png", "shots/**/*.jpg"): the files it matches."""
-
-    KINDS, DESCRIPTION = {"string"}, "a file path or glob pattern"
-
-    @staticmethod
-    def convert(value, at, ctx):
-        if not (isinstance(value, str) and glob.has_magic(value)):
-            single = InputFile.convert(value, at, ctx)
-            return INVALID if single is INVALID else (single,)
-        try:
-            matches = find_inputs(value, ctx.source.path.parent, ctx.source.roots)
-        except ImageError as err:
-            ctx.error(at, str(err))
-            return INVALID
-        if not matches:
-            ctx.error(at, f"the pattern {value!r} matches no files "
-                          f"(relative to {ctx.source.path.parent})")
-            return INVALID
-        files = [resolve_inside(match, at, ctx, report=False) for match in matches]
-        if None in files:
-            outside = matches[files.index(None)]
-            ctx.error(at, f"the pattern {value!r} matches files outside the recipe's folder "
-                          f"{ctx.source.path.parent} (such as {outside}); move them there or "
-                          "pass --allow-path DIR")
-            return INVALID
-        where = f"{ctx.source.where(at)} (matched by {value!r})"
-        return tuple(InputFile(path, where) for path in files)
-
-    @staticmethod
-    def schema() -> dict:
-        return {"type": "string", "minLength": 1}
-
-
-def resolve_inside(value: str, at: Loc, ctx: Context, report: bool = True) -> Path | None:
-    """The absolute path `value` names, or None (error recorded if `report`) when it leaves
-    every allowed root. Symlinks are resolved first, so a link cannot smuggle a file in."""
-    path = Path(os.path.expanduser(value))
-    try:
-        path = (path if path.is_absolute() else ctx.source.path.parent / path).resolve()
-    except (OSError, RuntimeError) as err:  # a name too long, a symlink loop
-        ctx.error(at, f"cannot use the path {value!r}: {getattr(err, 'strerror', None) or err}")
-        return None
-    if any(path.is_relative_to(root) for root in ctx.source.roots):
-        return path
-    if report:
-        ctx.error(at, f"{value!r} resolves to {path}, outside the recipe's folder "
-                      f"{ctx.source.path.parent}; move it there or pass --allow-path DIR")
-    return None
 
 
 # ---- the schema ---------------------------------------------------------------------------
@@ -289,6 +141,9 @@ class GenOptions:
     max_attempts: Annotated[int, Range(1, 32)] | None = opt(
         "attempt budget per job, candidates included")
     seed: Annotated[int, Range(0, 2**32 - 1)] | None = opt("base seed; jobs derive theirs")
+    seeds: SeedList | None = opt("one job per seed, with exactly that seed (not derived)")
+    variants: Annotated[int, Range(1, 16)] | None = opt(
+        "keep up to this many passing images per job, ranked, each its own file")
     ladder: list[Literal[LADDER_STEPS]] | None = opt("retry strategies after a failed attempt")
     scoring: SectionScoring | None = opt("score thresholds for this level")
 
@@ -299,12 +154,33 @@ class Defaults(GenOptions):
 
 
 @dataclass(kw_only=True)
-class PromptGroup(GenOptions):
+class Extras:
+    """Named extra reference images (an object, a style, a background): input images after the
+    characters' ones; a prompt names them as {name}."""
+
+    images: dict[VarName, InputFile] | None = opt(
+        "name -> an extra reference image; {name} in a prompt becomes 'image N'")
+
+
+@dataclass(kw_only=True)
+class Subjects(Extras):
+    characters: list[Name] | None = opt(
+        "characters (keys of characters) whose references are input images, in this order; "
+        "{name} in a prompt becomes 'image N'")
+
+    def ref_names(self) -> list[str]:
+        return list(self.characters or ()) + list(self.images or ())
+
+
+@dataclass(kw_only=True)
+class PromptGroup(GenOptions, Subjects):
     name: Name = req("group name; jobs land in section prompts/<name>")
     prompt: Text | list[Text] = req("a prompt template, or a list; {var} placeholders")
     vars: dict[VarName, str] | None = opt("placeholder -> fixed value")
     matrix: dict[VarName, list[str]] | None = opt(
         "placeholder -> values; every combination becomes a job")
+    sweep: Sweep | None = opt("up to 3 axes (X, Y, Z): parameter or placeholder -> values; "
+                              "one job per cell, drawn as a labelled grid")
 
     def templates(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt or ())
@@ -318,33 +194,20 @@ class PromptGroup(GenOptions):
         for var, values in matrix.items():
             if not values:
                 ctx.error(at + ("matrix", var), "needs at least one value")
+        names = {"vars": fixed, "matrix": matrix, "sweep": placeholder_axes(self.sweep),
+                 "images/characters": self.ref_names()}
+        check_clashes(names, at, ctx)
+        sources = ("vars, matrix, sweep, images or characters"
+                   if names["sweep"] or names["images/characters"] else "")
         used = set()
         for index, template in enumerate(self.templates()):
             if not isinstance(template, str):
                 continue
             where = at + ("prompt",) + ((index,) if isinstance(self.prompt, list) else ())
-            used |= check_template(template, {**fixed, **matrix}, where, ctx)
+            used |= check_template(template, known_names(names), where, ctx, sources)
         for var in sorted(set(matrix) - used):
             ctx.error(at + ("matrix", var), f"no prompt uses {{{var}}}")
-
-
-def check_template(template: str, known: dict, at: Loc, ctx: Context) -> set[str]:
-    """The placeholders `template` uses; errors for bad syntax and unknown names."""
-    try:
-        parts = list(string.Formatter().parse(template))
-    except ValueError as err:
-        ctx.error(at, f"bad placeholder syntax ({err}); write literal braces as {{{{ }}}}")
-        return set()
-    used = set()
-    for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if not re.fullmatch(r"[A-Za-z_]\w*", name) or spec or conversion:
-            ctx.error(at, f"placeholders are plain names like {{subject}}, got {{{name}}}")
-        elif name not in known:
-            ctx.error(at, f"{{{name}}} is not defined in vars or matrix{did_you_mean(name, known)}")
-        used.add(name)
-    return used
+        check_axes(self.sweep, used, bool(self.ref_names()), at, ctx)
 
 
 @dataclass(kw_only=True)
@@ -362,27 +225,47 @@ class Character(GenOptions):
 
 
 @dataclass(kw_only=True)
-class Shot(GenOptions):
-    prompt: Text = req("what the character does in this shot")
+class Shot(GenOptions, Extras):
+    prompt: Text = req("what the characters do in this shot; {name} placeholders")
     name: Name | None = opt("shot name (default: from the prompt)")
 
 
 @dataclass(kw_only=True)
-class Series(GenOptions):
-    character: Name = req("a key of characters")
+class Series(GenOptions, Subjects):
+    character: Name | None = opt("a key of characters (or list several in characters)")
     name: Name | None = opt("series name (default: the character); section series/<name>")
     shots: list[Text | Shot] = req("prompts, or mappings with a prompt and overrides")
+    sweep: Sweep | None = opt("up to 3 axes (X, Y, Z): parameter or placeholder -> values")
+
+    def cast(self) -> list[str]:
+        return [self.character] if self.character else list(self.characters or ())
 
     def check(self, at: Loc, ctx: Context) -> None:
+        if (self.character is None) == (self.characters is None):
+            ctx.error(at, "give exactly one of character (a name) or characters (a list)")
+        elif self.characters == []:
+            ctx.error(at + ("characters",), "needs at least one character")
         if self.shots is not None and not self.shots:
             ctx.error(at + ("shots",), "needs at least one shot")
+        used = set()
+        for index, shot in enumerate(self.shots or ()):
+            own = shot.images if isinstance(shot, Shot) else None
+            names = {"characters": self.cast(), "images": self.images or {},
+                     "shot images": own or {}, "sweep": placeholder_axes(self.sweep)}
+            check_clashes(names, at + ("shots", index), ctx)
+            prompt = shot.prompt if isinstance(shot, Shot) else shot
+            if isinstance(prompt, str):
+                where = at + ("shots", index) + (("prompt",) if isinstance(shot, Shot) else ())
+                used |= check_template(prompt, known_names(names), where, ctx,
+                                       "characters, images or sweep")
+        check_axes(self.sweep, used, True, at, ctx)
 
 
 EditSize = Size | Literal["input"]
 
 
 @dataclass(kw_only=True)
-class Instruction(GenOptions):
+class Instruction(GenOptions, Extras):
     size: EditSize | None = opt("[width, height], or input: the input's aspect ratio")
     instruction: Text = req("what to change")
     name: Name | None = opt("instruction name (default: from the text)")
@@ -391,17 +274,31 @@ class Instruction(GenOptions):
 
 
 @dataclass(kw_only=True)
-class EditCampaign(GenOptions):
+class EditCampaign(GenOptions, Extras):
     size: EditSize | None = opt("[width, height], or input (default): the input's aspect "
                                 "ratio at most the pixel count of defaults.size")
     name: Name = req("campaign name; jobs land in section edits/<name>")
     inputs: list[InputGlob] = req("image paths or glob patterns")
-    instructions: list[Text | Instruction] = req("edit instructions, applied to every input")
+    instructions: list[Text | Instruction] = req("edit instructions, applied to every input; "
+                                                 "{name} placeholders for images and sweep")
+    sweep: Sweep | None = opt("up to 3 axes (X, Y, Z): parameter or placeholder -> values")
 
     def check(self, at: Loc, ctx: Context) -> None:
         for key in ("inputs", "instructions"):
             if getattr(self, key) == []:
                 ctx.error(at + (key,), "needs at least one entry")
+        used = set()
+        for index, item in enumerate(self.instructions or ()):
+            own = item.images if isinstance(item, Instruction) else None
+            names = {"images": self.images or {}, "instruction images": own or {},
+                     "sweep": placeholder_axes(self.sweep)}
+            check_clashes(names, at + ("instructions", index), ctx)
+            text = item.instruction if isinstance(item, Instruction) else item
+            if isinstance(text, str) and any(names.values()):
+                where = at + ("instructions", index) + (
+                    ("instruction",) if isinstance(item, Instruction) else ())
+                used |= check_template(text, known_names(names), where, ctx, "images or sweep")
+        check_axes(self.sweep, used, True, at, ctx)
 
 
 @dataclass(kw_only=True)
@@ -415,10 +312,19 @@ class Pair(GenOptions):
 class BilingualGroup(GenOptions):
     name: Name = req("group name; jobs land in section bilingual/<name>")
     pairs: list[Pair] = req("English/Chinese prompt pairs")
+    sweep: Sweep | None = opt("up to 3 axes (X, Y, Z): parameter or placeholder -> values")
 
     def check(self, at: Loc, ctx: Context) -> None:
         if self.pairs == []:
             ctx.error(at + ("pairs",), "needs at least one pair")
+        known = placeholder_axes(self.sweep)
+        used = set()
+        for index, pair in enumerate(self.pairs or ()):
+            for side in ("en", "zh") if known and pair is not INVALID else ():
+                if isinstance(getattr(pair, side), str):
+                    used |= check_template(getattr(pair, side), known,
+                                           at + ("pairs", index, side), ctx, "sweep")
+        check_axes(self.sweep, used, False, at, ctx)
 
 
 SECTIONS = ("prompts", "series", "edits", "bilingual")
@@ -442,6 +348,8 @@ class Recipe:
         "sequential (layer by layer, least memory, slowest) or group (groups of layers)",
         default="none")
     keep_attempts: bool = opt("keep every attempt's image too", default=False)
+    max_jobs: Annotated[int, Range(1, MAX_JOBS_CEILING)] = opt(
+        "refuse a recipe (a sweep, a matrix) that makes more jobs than this", default=MAX_JOBS)
     defaults: Defaults = opt("settings for every job", factory=Defaults)
     prompts: list[PromptGroup] = opt("text-to-image groups", factory=list)
     characters: dict[Name, Character] = opt(
@@ -464,38 +372,29 @@ class Recipe:
         for index, series in enumerate(self.series):
             if series is INVALID:
                 continue
-            if series.character is not None and series.character not in self.characters:
-                ctx.error(("series", index, "character"), f"unknown character "
-                          f"{series.character!r}{did_you_mean(series.character, self.characters)}")
+            if series.character is not None:
+                self.check_cast([series.character], ("series", index, "character"), ctx)
+            self.check_cast(series.characters or (), ("series", index, "characters"), ctx)
             check_unique(series.shots or [], ("series", index, "shots"),
                          lambda s: getattr(s, "name", None), ctx)
+        for index, group in enumerate(self.prompts):
+            if group is not INVALID:
+                self.check_cast(group.characters or (), ("prompts", index, "characters"), ctx)
         for index, group in enumerate(self.bilingual):
             if group is not INVALID:
                 check_unique(group.pairs or [], ("bilingual", index, "pairs"),
                              lambda pair: pair.name, ctx)
         self.model = check_model(self.model, ctx)
 
-
-def is_regular_file(path: Path) -> bool:
-    """A regular file (not a folder, FIFO or device: reading those hangs or never ends)."""
-    try:
-        return stat.S_ISREG(path.stat().st_mode)
-    except OSError:
-        return False
-
-
-def check_unique(items, at, name_of, ctx: Context, hint: str = "") -> None:
-    at = at if isinstance(at, tuple) else (at,)
-    seen: dict[str, int] = {}
-    for index, item in enumerate(items):
-        name = None if item is INVALID else name_of(item)
-        if name is None:
-            continue
-        if name in seen:
-            first = at + (seen[name],)
-            ctx.error(at + (index,), f"duplicate name {name!r} (also {field_name(first)}, "
-                                     f"line {ctx.source.line(first)}){hint}")
-        seen.setdefault(name, index)
+    def check_cast(self, names, at: Loc, ctx: Context) -> None:
+        """Every name is a character, listed once."""
+        for index, name in enumerate(names):
+            where = at if at[-1] == "character" else at + (index,)
+            if name not in self.characters:
+                ctx.error(where, f"unknown character {name!r}"
+                                 f"{did_you_mean(name, self.characters)}")
+            elif name in list(names)[:index]:
+                ctx.error(where, f"{name!r} is listed twice")
 
 
 def check_model(model: str | None, ctx: Context) -> str | None:

@@ -5,7 +5,8 @@ requests, generates and scores them (batched with other jobs), and hands the out
 ladder records each attempt and decides when the job is done. No model runs here.
 
 Rules (the manifest records each decision):
-- First round: `job.candidates` attempts (best-of-N), seeds derived from job.seed.
+- First round: `job.candidates` attempts (best-of-N; at least `job.variants`), seeds derived
+  from job.seed (the first attempt uses job.seed itself).
 - The job is kept at the first round with a passing attempt (the best passing one of that round).
 - Otherwise the ladder steps run in order, one attempt per round, cycling until the budget
   (`job.max_attempts` generations, candidates included) is spent; then the job is *rejected* and
@@ -156,7 +157,9 @@ class JobLadder:
         return []
 
     def _first_round(self) -> list[Planned]:
-        count = max(1, min(self.job.candidates, self.job.max_attempts)) if self.scored else 1
+        # variants: N needs N candidates to rank, from the first round
+        wanted = max(self.job.candidates, self.job.variants)
+        count = max(1, min(wanted, self.job.max_attempts)) if self.scored else 1
         planned = []
         for n in range(count):
             strategy, reason = ("initial", "first attempt") if n == 0 else (

@@ -56,3 +56,13 @@ def decide(attempts: Sequence["Attempt"], thresholds: Mapping[str, float],
     made = [i for i, a in enumerate(attempts) if a.image is not None] if made is None else made
     passing = [i for i in made if attempts[i].passed]
     return ("kept" if passing else "rejected"), best_of(attempts, passing or made, thresholds)
+
+
+def ranked_passing(attempts: Sequence["Attempt"], best: int, thresholds: Mapping[str, float],
+                   count: int) -> list[int]:
+    """Up to `count` passing attempts with an image, ranked: the job's `best` first, then the
+    others by rank (the earlier one on a tie). These are a job's kept variants."""
+    others = [i for i, a in enumerate(attempts)
+              if a.passed and a.image is not None and i != best]
+    others.sort(key=lambda i: (-rank(attempts[i].scores, thresholds), i))
+    return ([best] + others)[:count]

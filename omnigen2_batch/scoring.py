@@ -4,6 +4,9 @@ Every metric is a cosine of L2-normalised CLIP embeddings, except `clipscore` (1
 the usual CLIPScore scale without the 2.5 weight). The metric names are part of the manifest
 format: recipes set thresholds on them and reports plot them.
 
+Consistency is also scored per character of a multi-subject shot: `consistency.<name>` is the
+mean cosine to that character's own references.
+
 Embeddings of reference images, edit sources and texts are cached by content, so a character's
 reference is embedded once per scorer (i.e. once per run and worker), however many shots use it.
 """
@@ -161,9 +164,12 @@ class ClipScorer:
         text = float(out @ texts[alignment_text(job, self.multilingual)])
         scores = {"text": text, "clipscore": 100.0 * max(text, 0.0)}
         if s.references:
-            sims = [float(out @ ref_vecs[ref.key]) for ref in s.references]
-            scores["consistency_mean"] = sum(sims) / len(sims)
-            scores["consistency_min"] = min(sims)
+            sims = {ref.key: float(out @ ref_vecs[ref.key]) for ref in s.references}
+            every = [sims[ref.key] for ref in s.references]
+            scores["consistency_mean"] = sum(every) / len(every)
+            scores["consistency_min"] = min(every)  # the weakest character's weakest reference
+            for name, keys in s.characters.items():  # each character against its own references
+                scores[f"consistency.{name}"] = sum(sims[k] for k in keys) / len(keys)
         if s.source is not None:
             src = ref_vecs[s.source.key]
             scores["preservation"] = float(out @ src)

@@ -62,11 +62,52 @@ def scene_car() -> Image.Image:
     return image
 
 
+def leo() -> Image.Image:
+    """Leo: a boy with black hair, a yellow shirt and green trousers."""
+    image = Image.new("RGB", (512, 640), (235, 240, 245))
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((196, 470, 316, 620), fill=(40, 120, 60))  # trousers
+    draw.rounded_rectangle((166, 320, 346, 480), radius=30, fill=(240, 200, 40))  # shirt
+    draw.ellipse((176, 130, 336, 310), fill=(225, 180, 140))
+    draw.chord((166, 110, 346, 250), 180, 360, fill=(20, 20, 25))  # hair
+    for x in (218, 278):
+        draw.ellipse((x, 205, x + 16, 221), fill=(30, 30, 30))
+    return image
+
+
+def dog() -> Image.Image:
+    """A brown dog with a white muzzle, seen from the side."""
+    image = Image.new("RGB", (640, 512), (240, 235, 225))
+    draw = ImageDraw.Draw(image)
+    brown = (150, 95, 50)
+    draw.rounded_rectangle((150, 220, 470, 360), radius=60, fill=brown)  # body
+    for x in (180, 250, 380, 440):
+        draw.rectangle((x, 340, x + 30, 450), fill=brown)  # legs
+    draw.ellipse((420, 130, 560, 260), fill=brown)  # head
+    draw.ellipse((500, 190, 580, 250), fill=(245, 245, 240))  # muzzle
+    draw.polygon([(430, 140), (455, 70), (480, 145)], fill=(110, 65, 35))  # ear
+    draw.line((150, 240, 90, 180), fill=brown, width=18)  # tail
+    return image
+
+
+def ball() -> Image.Image:
+    """A red and white beach ball: an object to hand a shot as an extra image."""
+    image = Image.new("RGB", (512, 512), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((96, 96, 416, 416), fill=(220, 40, 40))
+    draw.pieslice((96, 96, 416, 416), 60, 120, fill=(250, 250, 250))
+    draw.pieslice((96, 96, 416, 416), 240, 300, fill=(250, 250, 250))
+    return image
+
+
 ASSETS = {
     "mira_front.png": lambda: character(facing_side=False),
     "mira_side.png": lambda: character(facing_side=True),
     "scene_house.png": scene_house,
     "scene_car.png": scene_car,
+    "leo.png": leo,
+    "dog.png": dog,
+    "ball.png": ball,
 }
 
 

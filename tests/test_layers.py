@@ -15,14 +15,15 @@ PACKAGE = Path(__file__).resolve().parents[1] / "omnigen2_batch"
 LAYERS = [
     ["__init__", "errors"],  # __init__ holds only __version__
     ["config", "rules", "jobs", "progress"],
-    ["typed_yaml", "images", "prompt_budget", "toy"],
+    ["typed_yaml", "images", "prompt_budget", "toy", "cost"],
     ["model"],
+    ["recipe_types", "sweep"],
     ["recipe"],
-    ["plan"],
+    ["plan", "expand"],
     ["store"],
     ["scoring", "generate", "reflection"],
     ["worker", "preflight"],
-    ["rescore", "report", "export"],
+    ["rescore", "report", "export", "picks"],
     ["executors"],
     ["run"],
     ["cli"],

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from omnigen2_batch.jobs import ImageRef, Job
-from omnigen2_batch.plan import build_plan, fit_size, forwards_per_image, order_jobs
+from omnigen2_batch.cost import forwards_per_image
+from omnigen2_batch.plan import build_plan, fit_size, order_jobs
 from omnigen2_batch.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).parent.parent

@@ -1,6 +1,6 @@
 """The run report: one offline HTML page, thumbnails and per-section contact sheets.
 
-data (the run read from the store) -> images (thumbs/, sheets/) -> page (+ plots) -> report.html.
+data (the run read from the store) -> images (thumbs/, sheets/), grids (grids/) -> page (+ plots) -> report.html.
 Never imports torch. text.py makes user text safe to show; files.py writes everything atomically.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .data import load_run
 from .files import ReportError, report_errors, write_atomic
+from .grids import write_grids
 from .images import make_thumbnails, wanted_thumbnails, write_contact_sheets
 from .page import render_page
 
@@ -29,4 +30,6 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     with report_errors(run.root):
         made = make_thumbnails(run.root, wanted_thumbnails(run))
         write_contact_sheets(run, made)
-        return write_atomic(run.root / "report.html", render_page(run, made).encode(), durable=True)
+        grids = write_grids(run)
+        page = render_page(run, made, grids)
+        return write_atomic(run.root / "report.html", page.encode(), durable=True)

@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 from ..jobs import Job
 from ..store import RunStore, StoreError, is_tiny
+from ..store.variants import ranking_of
 from .files import ReportError
 
 SUPERSEDED = "superseded"  # status of work set aside because the recipe changed
@@ -38,6 +39,11 @@ class JobView:
     @property
     def scores(self) -> dict[str, float]:
         return (self.best or {}).get("scores") or {}
+
+    @property
+    def variants(self) -> list[dict[str, Any]]:
+        """The ranked images of a job that keeps several (rank 1 is its image); [] otherwise."""
+        return ranking_of(self.row.get("variants")) if self.status == "kept" else []
 
 
 @dataclass

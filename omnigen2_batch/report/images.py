@@ -42,6 +42,10 @@ def attempt_thumb(job_id: str, n: int) -> str:
     return f"thumbs/{job_id}-{n}.jpg"
 
 
+def variant_thumb(job_id: str, rank: int) -> str:
+    return f"thumbs/{job_id}-v{rank}.jpg"
+
+
 def ref_thumb(ref: ImageRef) -> str:
     """A reference's thumbnail: its job's, or one named by the file's content key."""
     if ref.job_id:
@@ -50,8 +54,10 @@ def ref_thumb(ref: ImageRef) -> str:
 
 
 def shown_refs(job: Job) -> tuple[ImageRef, ...]:
-    """The images the report shows beside a job's output: references and the edit source."""
-    return job.scoring.references + ((job.edit_source,) if job.edit_source else ())
+    """The images the report shows beside a job's output: its references, the edit source and
+    every other input image (a multi-subject shot's extra images too), each once."""
+    source = (job.edit_source,) if job.edit_source else ()
+    return tuple(dict.fromkeys(job.scoring.references + source + job.inputs))
 
 
 def wanted_thumbnails(run: Run) -> dict[str, Path]:
@@ -60,6 +66,8 @@ def wanted_thumbnails(run: Run) -> dict[str, Path]:
     for view in run.jobs:
         if view.row["image"]:
             wanted[job_thumb(view.id)] = run.root / view.row["image"]
+        for variant in view.variants[1:]:
+            wanted[variant_thumb(view.id, variant["rank"])] = run.root / variant["image"]
         if view.status == "rejected":
             for attempt in view.attempts:
                 if attempt["image"]:

@@ -17,7 +17,9 @@ from urllib.parse import quote
 
 from ..jobs import ImageRef
 from .data import JobView, Run
-from .images import attempt_thumb, job_thumb, ref_thumb, sheet_name
+from .grids import Grid
+from .images import (attempt_thumb, job_thumb, ref_thumb, sheet_name, shown_refs,
+                     variant_thumb)
 from .plots import plots_html
 from .text import esc, script_json, user
 
@@ -26,8 +28,8 @@ TINY_BANNER = ("Made by the tiny random-weight model: images are noise. They sho
 STATUSES = ("kept", "rejected", "failed", "pending")  # the ones a page counts, in this order
 
 
-def render_page(run: Run, made: set[str]) -> str:
-    page = PageBuilder(run, made)
+def render_page(run: Run, made: set[str], grids: dict[str, Grid] | None = None) -> str:
+    page = PageBuilder(run, made, grids or {})
     body = [_header_html(run), _nav_html(run), _summary_html(run), plots_html(run)]
     body += [page.section_html(i, name, views) for i, (name, views) in enumerate(run.sections().items())]
     body += [page.rejected_html(), page.failed_html()]
@@ -47,8 +49,8 @@ def render_page(run: Run, made: set[str]) -> str:
 class PageBuilder:
     """Turns job views into server-side HTML (small parts) and paged JSON lists (large parts)."""
 
-    def __init__(self, run: Run, made: set[str]):
-        self.run, self.made = run, made
+    def __init__(self, run: Run, made: set[str], grids: dict[str, Grid]):
+        self.run, self.made, self.grids = run, made, grids
         self.lists: dict[str, dict[str, Any]] = {}
 
     def thumb(self, rel: str) -> str | None:
@@ -56,8 +58,11 @@ class PageBuilder:
 
     def card(self, view: JobView) -> dict[str, Any]:
         image = view.row["image"]
+        variants = [{"r": v["rank"], "t": self.thumb(variant_thumb(view.id, v["rank"])),
+                     "f": quote(v["image"])} for v in view.variants[1:]]
         return {"id": view.id, "n": view.row["name"], "s": view.status, "t": self.thumb(job_thumb(view.id)),
-                "f": quote(image) if image else None, "p": view.job.prompt, "sc": _rounded(view.scores)}
+                "f": quote(image) if image else None, "p": view.job.prompt, "sc": _rounded(view.scores),
+                **({"v": variants} if variants else {})}
 
     def pager(self, list_id: str, kind: str, items: list[dict[str, Any]]) -> str:
         self.lists[list_id] = {"type": kind, "items": items}
@@ -70,11 +75,38 @@ class PageBuilder:
         sheet = (f' · <a href="sheets/{quote(sheet_name(name, 0))}">contact sheet</a>'
                  if counts["kept"] else "")
         line = ", ".join(f'<span data-section-count="{s}">{counts[s]}</span> {s}' for s in STATUSES)
-        body = getattr(self, f"_{kind}_html")(f"s{index}", views, shown)
+        body = self.grids_html(name) + getattr(self, f"_{kind}_html")(f"s{index}", views, shown)
         # data-section is never shown: it carries the name exactly, for scripts and tests
         return (f'<section class="run-section" id="s{index}" data-section="{html.escape(name)}" data-kind="{kind}">'
                 f"<h2>{user(name)} <small>{kind}</small></h2>"
                 f'<p class="section-counts">{len(views)} jobs: {line}{sheet}</p>{body}</section>')
+
+    def grids_html(self, section: str) -> str:
+        """The section's sweep grids as tables of thumbnails, each with its labelled PNG."""
+        parts = []
+        for rel, grid in self.grids.items():
+            if grid.section != section:
+                continue
+            columns = range(max(grid.x_labels) + 1)
+            head = "".join(f"<th>{user(grid.x_labels.get(x, ''))}</th>" for x in columns)
+            rows = []
+            for y in range(max(grid.y_labels) + 1):
+                cells = "".join(self._grid_cell(grid.cells.get((x, y))) for x in columns)
+                rows.append(f"<tr><th>{user(grid.y_labels.get(y, ''))}</th>{cells}</tr>")
+            y_axis = grid.axes[1] if len(grid.axes) > 1 else ""
+            parts.append(f'<figure class="sweep-grid" data-grid="{esc(rel)}"><figcaption>'
+                         f'{user(grid.title())} · <a href="{quote(rel)}">grid image</a></figcaption>'
+                         f"<table><tr><th>{user(y_axis)} \\ {user(grid.axes[0])}</th>{head}</tr>"
+                         f'{"".join(rows)}</table></figure>')
+        return "".join(parts)
+
+    def _grid_cell(self, view: JobView | None) -> str:
+        if view is None:
+            return "<td></td>"
+        src = self.thumb(job_thumb(view.id))
+        image = (f'<img src="{src}" alt="{esc(view.row["name"])}" loading="lazy">' if src
+                 else '<div class="missing">no image</div>')
+        return f'<td data-job="{esc(view.id)}" class="{esc(view.status)}">{image}</td>'
 
     def _gallery_html(self, list_id: str, views: list[JobView], shown: list[JobView]) -> str:
         return self.pager(list_id, "cards", [self.card(v) for v in shown])
@@ -83,10 +115,10 @@ class PageBuilder:
         """One strip per reference set, the references on the left."""
         groups: dict[tuple[str, ...], list[JobView]] = {}
         for view in shown:
-            groups.setdefault(tuple(r.key for r in view.job.scoring.references), []).append(view)
+            groups.setdefault(tuple(r.key for r in shown_refs(view.job)), []).append(view)
         parts = []
         for g, members in enumerate(groups.values()):
-            refs = members[0].job.scoring.references
+            refs = shown_refs(members[0].job)
             figures = "".join(self._ref_figure(ref) for ref in refs) or "<p>no references</p>"
             parts.append(f'<div class="series"><div class="refs"><h3>references</h3>{figures}</div>'
                          f'{self.pager(f"{list_id}g{g}", "cards", [self.card(v) for v in members])}</div>')
@@ -147,7 +179,7 @@ def section_kind(views: list[JobView]) -> str:
         return "bilingual"
     if any(v.job.kind == "edit" for v in views):
         return "edit"
-    if any(v.job.scoring.references for v in views):
+    if any(v.job.scoring.references or v.job.inputs for v in views):
         return "series"
     return "gallery"
 

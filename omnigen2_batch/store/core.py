@@ -27,6 +27,7 @@ from .errors import OtherRecipe, StoreError, StoreFull
 from .files import LOCK_FILE, FileRecord, RunFiles, sha256
 from .manifest import MANIFEST, connect_reader, connect_writer
 from .png import chunk_job_id, encode_png
+from .variants import ranking_of, variant_files
 
 RECIPE_FILE = "recipe.yaml"
 FINAL = ("kept", "rejected")  # a job in one of these states is never run again
@@ -241,7 +242,10 @@ class StoreCore:
         """Write a job's images, then record it. Raises StoreFull when the disk is full.
         A file found where an image goes that the store did not write is set aside first."""
         files, image_path, attempt_paths = self._result_files(job, result, keep_attempts)
+        extra, ranking = variant_files(job, result, image_path)
+        files += extra
         before = self._image_of(job.id)
+        old_variants = self._variant_images(job.id)
         self._clear_way(job.id, [rel for rel, _ in files], before)
         written = self._write_files(files)
         best_n = None if result.best is None else result.attempts[result.best].n  # made the image
@@ -251,16 +255,28 @@ class StoreCore:
             self._insert_if_missing(job)
             self._conn.execute(
                 "UPDATE jobs SET status=?, image=?, best=?, error=?, n_attempts=?, seconds=?,"
-                " scored=?, finished=?, prev_status=NULL WHERE id=?",
+                " scored=?, finished=?, prev_status=NULL, variants=? WHERE id=?",
                 (result.status, image_path, best_n, result.error or None, len(result.attempts),
                  sum(a.seconds for a in result.attempts),
-                 int(any(a.scores for a in result.attempts)), now, job.id))
+                 int(any(a.scores for a in result.attempts)), now,
+                 json.dumps(ranking) if ranking else None, job.id))
             self._set_record(job.id, written.get(image_path) if written else None)
             self._conn.execute("DELETE FROM attempts WHERE job_id=?", (job.id,))
             self._conn.executemany(
                 "INSERT INTO attempts VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", attempts)
         # Only now: a crash before the rows commit must leave the old row's file in place.
         self._clear_leftovers(job, image_path, before)
+        for rel in old_variants - {rel for rel, _ in extra}:
+            if self._own_bytes(rel, job.id, None) is not None:
+                self._files.remove(rel)
+
+    def _variant_images(self, job_id: str) -> set[str]:
+        """The files of a job's ranks 2.. as the manifest lists them now."""
+        try:
+            row = self._conn.execute("SELECT variants FROM jobs WHERE id=?", (job_id,)).fetchone()
+        except sqlite3.OperationalError:  # a manifest older than the column
+            return set()
+        return {v["image"] for v in ranking_of(row[0] if row else None) if v["rank"] > 1}
 
     def _insert_if_missing(self, job: Job) -> None:
         """A committed job always has a row, even if the caller skipped add_jobs."""

@@ -277,7 +277,7 @@ class RunFiles:
         if manifest in names or not names:
             return
         ours = set(OUR_FOLDERS) | set(ROOT_FILES) | {LOCK_FILE, SET_ASIDE, "report.html",
-                                                    "thumbs", "sheets"}
+                                                    "thumbs", "sheets", "grids"}
         foreign = {n for n in names if n not in ours and not n.startswith(manifest)}
         if LOCK_FILE in names and not foreign:
             return

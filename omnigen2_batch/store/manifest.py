@@ -32,8 +32,9 @@ CREATE TABLE IF NOT EXISTS pairs(
 """
 # Columns later versions added to `jobs`: prev_status (what a superseded job was), and the
 # sha256/size/mtime_ns of its image (to notice a file replaced behind the manifest's back).
+# variants: the ranked images of a job that keeps several (store/variants.py).
 ADDED_JOB_COLUMNS = (("prev_status", "TEXT"), ("sha256", "TEXT"), ("size", "INT"),
-                     ("mtime_ns", "INT"))
+                     ("mtime_ns", "INT"), ("variants", "TEXT"))
 
 
 def connect_writer(files: RunFiles) -> sqlite3.Connection:

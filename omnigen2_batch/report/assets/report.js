@@ -26,8 +26,11 @@
     return full ? el("a", {href: full, target: "_blank", rel: "noopener"}, img) : img;
   }
   function card(it) {
+    const variants = (it.v || []).map((v) => el("div", {class: "variant", "data-rank": v.r},
+      thumb(v.t, v.f, it.n + " v" + v.r), "v" + v.r));
     return el("figure", {class: "card " + it.s, "data-job": it.id},
-      thumb(it.t, it.f, it.n),
+      variants.length ? el("div", {class: "variants"}, el("div", {class: "variant", "data-rank": 1},
+        thumb(it.t, it.f, it.n), "v1"), ...variants) : thumb(it.t, it.f, it.n),
       el("figcaption", {},
         el("b", {}, u(it.n)), " ", el("span", {class: "badge " + it.s}, it.s),
         el("div", {class: "prompt", title: it.p}, u(it.p)),
