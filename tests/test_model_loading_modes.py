@@ -79,7 +79,7 @@ def test_compile_with_offload_that_hooks_inside_blocks_is_refused():
 @pytest.mark.slow  # ~50 s on 2 shared cores (dynamo tracing of 8 block variants)
 def test_blocks_trace_without_graph_breaks_and_see_lora_switches(exact, parity_dir):
     """fullgraph=True: dynamo must take each block whole (real-valued RoPE, no host sync); the
-    'aot_eager' backend skips code generation so this stays fast. Inductor: the slow test below.
+    'aot_eager' backend skips code generation so this stays fast. Inductor: evaluation/bench_model.py --compile.
     LoRA adapters switched after compiling must act (a hook added later would be ignored)."""
     lora_file = parity_dir / "feature_cases" / "lora_tiny.safetensors"
     eager = load_pipeline("tiny")
