@@ -57,6 +57,10 @@ class PipelineGenerator:
             text_guidance_scale=first.text_guidance, image_guidance_scale=first.image_guidance,
             cfg_range=tuple(first.cfg_range), scheduler=first.scheduler,
             max_input_image_side_length=first.max_input_side,
+            # The job's size decides, always: the plan already fits an edit's size to its input,
+            # and the official single-input rule (output = input size) would make a series shot
+            # with one reference ignore the size its recipe asks for, and the PNG record lie.
+            align_res=False,
             # CPU generators: the same seed gives the same noise on any device.
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
             output_type="pil",

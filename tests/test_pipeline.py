@@ -165,12 +165,14 @@ def test_time_shift_spends_more_steps_near_noise_for_larger_images():
 
 def requests():
     base = dict(steps=2, width=32, height=32)
+    edit = {**base, "width": 48}
     return [
         GenRequest(prompt=PROMPTS[0], seed=1, **base),
         GenRequest(prompt=PROMPTS[1], seed=2, negative_prompt="blurry", **base),
-        GenRequest(prompt="edit: make it blue", seed=3, images=[noise_image(3, 48, 32)], **base),
+        # The request's size decides (the plan sizes an edit after its input).
+        GenRequest(prompt="edit: make it blue", seed=3, images=[noise_image(3, 48, 32)], **edit),
         GenRequest(prompt=PROMPTS[2], seed=4, **base),
-        GenRequest(prompt="edit: add a boat", seed=5, images=[noise_image(5, 48, 32)], **base),
+        GenRequest(prompt="edit: add a boat", seed=5, images=[noise_image(5, 48, 32)], **edit),
         GenRequest(prompt=PROMPTS[0], seed=6, **{**base, "width": 48}),
     ]
 

@@ -406,3 +406,29 @@ def test_a_batched_run_matches_one_by_one_generation(tmp_path, one_by_one_run, e
     for name in files:
         diff = np.abs(pixels(tmp_path / "run" / name) - pixels(one_by_one_run / name))
         assert diff.max() <= 1, name
+
+
+@pytest.mark.parametrize("size", [(128, 64), (64, 128), (96, 96)])
+def test_a_shot_with_one_reference_comes_out_at_the_size_the_recipe_asks(tmp_path, size):
+    """The official single-input rule (output = the input's size) must not override the recipe:
+    what the PNG and the manifest say was made is what was made."""
+    recipe = write_tiny_recipe(tmp_path / "in", f"""\
+name: sizes
+model: tiny
+defaults:
+  steps: 1
+  scoring: {{enabled: false}}
+characters:
+  mira: {{references: [mira.png]}}
+series:
+  - character: mira
+    size: [{size[0]}, {size[1]}]
+    shots: ["mira from the image at sea"]
+""")
+    run_dir = tmp_path / "run"
+    summary = run_cli(str(recipe), "--out", str(run_dir))
+    assert summary["kept"] == 1
+    (row,) = [r for r in manifest(run_dir).values()]
+    with Image.open(run_dir / row[1]) as image:
+        made, recorded = image.size, json.loads(image.text["omnigen2_batch"])["attempt"]["params"]
+    assert made == size == (recorded["width"], recorded["height"])
