@@ -171,6 +171,33 @@ def test_pick_then_export_picked_exports_only_those_as_separate_records(seeds_ru
 
 
 @pytest.mark.slow
+def test_every_variant_leaves_kept_with_its_job_and_comes_back_with_it(tmp_path):
+    lamp_only = SEEDS_AND_VARIANTS[SEEDS_AND_VARIANTS.index("  - name: lamp"):]
+    recipe = write_recipe(tmp_path, "lamps", "prompts:\n" + lamp_only)
+    assert cli("run", recipe, "--out", tmp_path / "run").exit_code == 0
+    made = {p.name for p in (tmp_path / "run" / "kept").rglob("*.png")}
+    assert len(made) == 3
+
+    recipe.write_text(recipe.read_text().replace("a brass lamp", "a copper lamp"))
+    assert cli("run", recipe, "--out", tmp_path / "run").exit_code == 0
+    aside = {p.name for p in (tmp_path / "run" / "superseded").rglob("*.png")}
+    assert aside == made  # all three ranks set aside, none left in kept/
+    assert not made & {p.name for p in (tmp_path / "run" / "kept").rglob("*.png")}
+
+    recipe.write_text(recipe.read_text().replace("a copper lamp", "a brass lamp"))
+    assert cli("run", recipe, "--out", tmp_path / "run").exit_code == 0
+    assert made <= {p.name for p in (tmp_path / "run" / "kept").rglob("*.png")}  # back, not redone
+    for path in json.loads(manifest(tmp_path / "run", "SELECT variants FROM jobs "
+                                    "WHERE status='kept' AND job LIKE '%brass%'")[0][0]):
+        assert (tmp_path / "run" / path["image"]).is_file()
+
+    recipe.write_text(recipe.read_text().replace("a brass lamp", "a tin lamp"))
+    assert cli("run", recipe, "--out", tmp_path / "run").exit_code == 0
+    assert cli("prune", tmp_path / "run").exit_code == 0
+    assert not list((tmp_path / "run").glob("superseded/**/*.png"))
+
+
+@pytest.mark.slow
 def test_pick_refuses_an_image_that_is_not_kept(seeds_run):
     refused(cli("pick", seeds_run, "0000000000:v9"), "not a kept image")
 

@@ -19,6 +19,7 @@ from .core import FINAL, SUPERSEDED, StoreCore, _job_columns
 from .errors import StoreError
 from .files import FileRecord, sha256
 from .png import encode_png
+from .variants import ranking_of
 
 ASIDE = "superseded/"  # superseded/kept/..., superseded/rejected/..., superseded/attempts/<id>
 
@@ -78,39 +79,42 @@ class RunStore(StoreCore):
         pairs rows removed. A superseded job back in the plan is restored: files moved back,
         old status again. Returns how many jobs were newly superseded."""
         plan = set(plan_ids)
-        rows = self._conn.execute("SELECT id, status, image FROM jobs").fetchall()
-        gone = [(i, img) for i, status, img in rows if i not in plan and status != SUPERSEDED]
-        back = [(i, img) for i, status, img in rows if i in plan and status == SUPERSEDED]
+        rows = self._conn.execute("SELECT id, status, image, variants FROM jobs").fetchall()
+        gone = [(i, img, v) for i, status, img, v in rows if i not in plan and status != SUPERSEDED]
+        back = [(i, img, v) for i, status, img, v in rows if i in plan and status == SUPERSEDED]
         if not gone and not back:
             return 0
         folders: set[str] = set()
-        for job_id, image in gone:
-            self._move_job_files(job_id, image, True, folders)
-        for job_id, image in back:
-            self._move_job_files(job_id, image, False, folders)
+        for job_id, image, variants in gone:
+            self._move_job_files(job_id, image, variants, True, folders)
+        for job_id, image, variants in back:
+            self._move_job_files(job_id, image, variants, False, folders)
         self._files.sync(folders)
         self._files.remove_empty_folders({f for f in folders if f.startswith(ASIDE)})
         with self._transaction():
             self._conn.executemany(
-                "UPDATE jobs SET prev_status=status, status=?, image=? WHERE id=?",
-                [(SUPERSEDED, _aside(img), i) for i, img in gone])
+                "UPDATE jobs SET prev_status=status, status=?, image=?, variants=? WHERE id=?",
+                [(SUPERSEDED, _aside(img), _moved_ranking(v, _aside), i) for i, img, v in gone])
             self._conn.executemany(
                 "UPDATE attempts SET image=? || image WHERE job_id=? AND image IS NOT NULL",
-                [(ASIDE, i) for i, _ in gone])
+                [(ASIDE, i) for i, _, _ in gone])
             self._conn.executemany("DELETE FROM pairs WHERE en_job=? OR zh_job=?",
-                                   [(i, i) for i, _ in gone])
+                                   [(i, i) for i, _, _ in gone])
             self._conn.executemany(
                 "UPDATE jobs SET status=COALESCE(prev_status, 'pending'), prev_status=NULL,"
-                " image=? WHERE id=?", [(_unaside(img), i) for i, img in back])
+                " image=?, variants=? WHERE id=?",
+                [(_unaside(img), _moved_ranking(v, _unaside), i) for i, img, v in back])
             self._conn.executemany(
                 "UPDATE attempts SET image=substr(image, ?) WHERE job_id=? AND image LIKE ?",
-                [(len(ASIDE) + 1, i, ASIDE + "%") for i, _ in back])
+                [(len(ASIDE) + 1, i, ASIDE + "%") for i, _, _ in back])
         return len(gone)
 
-    def _move_job_files(self, job_id: str, image: str | None, to_aside: bool,
-                        folders: set[str]) -> None:
-        """Move a job's image and its attempts folder; a move already done is skipped."""
-        for rel in filter(None, (_unaside(image), f"attempts/{job_id}")):
+    def _move_job_files(self, job_id: str, image: str | None, variants: str | None,
+                        to_aside: bool, folders: set[str]) -> None:
+        """Move a job's image, its other ranked variants and its attempts folder; a move
+        already done is skipped."""
+        extra = [_unaside(v["image"]) for v in ranking_of(variants) if v["rank"] > 1]
+        for rel in filter(None, (_unaside(image), *extra, f"attempts/{job_id}")):
             src, dst = (rel, ASIDE + rel) if to_aside else (ASIDE + rel, rel)
             if self._files.move(src, dst):
                 folders |= {src.rpartition("/")[0], dst.rpartition("/")[0]}
@@ -127,6 +131,9 @@ class RunStore(StoreCore):
             " (SELECT id FROM jobs WHERE status=?)", (ASIDE + "%", SUPERSEDED)).fetchall()
         files = [(i, img, FileRecord(*rec) if rec[0] else None) for i, img, *rec in rows if img]
         files += [(i, img, None) for i, img in attempt_files]
+        files += [(i, v["image"], None) for i, variants in self._conn.execute(
+            "SELECT id, variants FROM jobs WHERE status=? AND variants IS NOT NULL", (SUPERSEDED,))
+                  for v in ranking_of(variants) if v["rank"] > 1]
         removed, left = [], []
         for job_id, rel, record in files:
             if not rel.startswith(ASIDE) or self._files.stat(rel) is None:
@@ -277,6 +284,12 @@ class RunStore(StoreCore):
 
 
 # ----------------------------------------------------------------------------- helpers
+def _moved_ranking(variants: str | None, move) -> str | None:
+    """jobs.variants with every image path moved aside (or back) by `move`."""
+    ranking = ranking_of(variants)
+    return json.dumps([{**v, "image": move(v["image"])} for v in ranking]) if ranking else variants
+
+
 def _aside(rel: str | None) -> str | None:
     return rel if rel is None or rel.startswith(ASIDE) else ASIDE + rel
 
