@@ -13,6 +13,19 @@ DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_WEIGHTS = "openai"
 RANDOM_WEIGHTS = "random"  # recipe value for seeded random CLIP weights (tests, smoke runs)
 DEFAULT_BATCH_SIZE = 4
+
+# What a generation setting is when no level of a recipe sets it (image guidance: below).
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "size": (1024, 1024), "steps": 50, "text_guidance": 5.0, "cfg_range": (0.0, 1.0),
+    "scheduler": "euler", "candidates": 1, "max_attempts": 3, "seed": 0, "ladder": (),
+    "variants": 1, "max_input_side": 1024,
+    "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
+                       "watermark, text artifacts",
+}
+# OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
+IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
+BUILTIN_SCORING = {"enabled": True, "model": DEFAULT_CLIP, "pretrained": DEFAULT_CLIP_WEIGHTS,
+                   "multilingual": False}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("none", "model", "sequential", "group")

@@ -20,21 +20,20 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import ClipConfig, RunConfig
+from .config import (BUILTIN_DEFAULTS, BUILTIN_SCORING, IMAGE_GUIDANCE, RANDOM_WEIGHTS,
+                     ClipConfig, RunConfig)
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .cost import Estimate, estimate
 from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
                      variations)
 from .jobs import ImageRef, Job, Scoring, job_id
 from .prompt_budget import image_positions, text_budget
-from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, Instruction, Loc, Recipe,
-                     RecipeError, Shot)
+from .recipe import Instruction, Loc, Recipe, RecipeError, Shot
 from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
 
 MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
 SEED_MASK = 2**31 - 1  # seeds fit every generator API (numpy needs < 2**32, some want int32)
-# OmniGen2's README: edits work best with image guidance 1.2-2.0, in-context 2.5-3.0.
-IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
+
 
 @dataclass
 class Plan:

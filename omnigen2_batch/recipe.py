@@ -57,36 +57,22 @@ import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from .config import DTYPES, OFFLOADS
+from .config import DEFAULT_MODEL, DTYPES, OFFLOADS
 from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text,
                            VarName,
                            check_clashes, check_template, check_unique, known_names,
                            resolve_inside)
 from .rules import LADDER_STEPS, METRICS
 from .sweep import Sweep, check_axes, placeholder_axes
-from .typed_yaml import (INVALID, Context, DocumentError, Loc, Range, Source, apply_overrides,
-                         convert_dataclass, dataclass_schema, did_you_mean, json_kind,
-                         opt, parse_yaml, req)
+from .typed_yaml import (INVALID, Context, DocumentError, Loc, Range, Source, convert_dataclass,
+                         dataclass_schema, did_you_mean, json_kind, opt, req)
+from .yaml_document import apply_overrides, parse_yaml
 
-DEFAULT_MODEL = "OmniGen2/OmniGen2"
 MAX_RECIPE_BYTES = 1 << 20
 MAX_JOBS, MAX_JOBS_CEILING = 10_000, 100_000  # max_jobs: its default, and the most it may say
 HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"
-
-# What a setting is when no level of the recipe sets it (image_guidance: see plan.py).
-BUILTIN_DEFAULTS: dict[str, Any] = {
-    "size": (1024, 1024), "steps": 50, "text_guidance": 5.0, "cfg_range": (0.0, 1.0),
-    "scheduler": "euler", "candidates": 1, "max_attempts": 3, "seed": 0, "ladder": (),
-    "variants": 1,
-    "max_input_side": 1024,
-    "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
-                       "watermark, text artifacts",
-}
-BUILTIN_SCORING = {"enabled": True, "model": "ViT-B-32", "pretrained": "openai",
-                   "multilingual": False}
-RANDOM_WEIGHTS = "random"  # scoring.pretrained value for seeded random CLIP weights (tests)
 
 
 class RecipeError(DocumentError):

@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from .config import DEFAULT_CLIP
 from .errors import UnavailableError
 
 if TYPE_CHECKING:  # torch and PIL stay out of CLI start-up
@@ -75,7 +76,7 @@ class ClipScorer:
     `multilingual`: the text tower understands the job's own language (e.g. an XLM-R CLIP).
     """
 
-    def __init__(self, model: str = "ViT-B-32", pretrained: str | None = None, device: str = "cpu",
+    def __init__(self, model: str = DEFAULT_CLIP, pretrained: str | None = None, device: str = "cpu",
                  multilingual: bool = False, seed: int = 0, batch_size: int = 32):
         import open_clip
         import torch

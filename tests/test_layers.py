@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "omnigen2_batch"
 LAYERS = [
     ["__init__", "errors"],  # __init__ holds only __version__
     ["config", "rules", "jobs", "progress"],
-    ["typed_yaml", "images", "prompt_budget", "toy", "cost"],
+    ["typed_yaml", "yaml_document", "images", "prompt_budget", "toy", "cost"],
     ["model"],
     ["recipe_types", "sweep"],
     ["recipe"],
