@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import click
 
-from .errors import (EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USER, BatchError,
+from .errors import (EXIT_INCOMPLETE, EXIT_INTERRUPTED, EXIT_USER, BatchError, Terminated,
                      UnavailableError, UserError)
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ class BatchCli(click.Group):
                 reply = _failure(command, EXIT_USER, [err.format_message()])
             except BatchError as err:
                 reply = _failure(command, err.exit_code, err.errors, str(err))
+            except Terminated as err:
+                reply = _failure(command, err.exit_code, [str(err)])
             except (KeyboardInterrupt, click.Abort):
                 reply = _failure(command, EXIT_INTERRUPTED,
                                  ["interrupted; committed work is kept: run again to continue"])
@@ -70,12 +72,6 @@ class BatchCli(click.Group):
         if not isinstance(reply, Reply):  # --help, --version: click printed it
             sys.exit(reply or 0)
         _print(reply, as_json, command)
-        if reply.code == EXIT_TERMINATED:
-            # A batch abandoned on SIGTERM may still be computing in a helper thread: leave
-            # now, without waiting for it (everything finished is committed).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(reply.code)
         sys.exit(reply.code)
 
 

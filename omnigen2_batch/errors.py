@@ -37,3 +37,12 @@ class UnavailableError(BatchError):
     cluster is missing; found before any work starts whenever possible (exit 3)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class Terminated(BaseException):
+    """SIGTERM: stop at once. Raised from the signal handler into whatever runs, so a batch in
+    flight is dropped mid-computation (it is redone on resume; everything committed stays).
+    A BaseException, like KeyboardInterrupt, so that code catching a job's ordinary failures
+    (`except Exception`) lets it through."""
+
+    exit_code = EXIT_TERMINATED

@@ -20,6 +20,7 @@ from .config import RunConfig
 from .executors import executor_for
 from .executors.base import Executor, Stop
 from .executors.driver import RunSummary
+from .errors import Terminated
 from .plan import Plan
 from .progress import Progress
 from .rescore import record_pairs, redecide
@@ -39,7 +40,7 @@ def execute(plan: Plan, config: RunConfig, out: str | Path, *, recipe_text: str,
     UnavailableError when no worker can start; a job's failure is recorded, not raised.
     """
     with RunStore.open(out, recipe_name=plan.name, recipe_origin=recipe_origin) as store, \
-            _debug_log(store.run_dir):
+            _debug_log(store.run_dir), stop_on_signals() as stop:
         store.save_recipe(recipe_text)
         store.set_meta("model", config.model)
         store.set_meta("config", config.to_dict())
@@ -48,14 +49,14 @@ def execute(plan: Plan, config: RunConfig, out: str | Path, *, recipe_text: str,
         store.update_scoring(plan.jobs)
         _reopen_changed_files(store)
         redecided, earlier = redecide(store, plan.jobs)
-        with stop_on_signals() as stop:
-            summary = run_jobs(plan.jobs, store, config, progress=progress, earlier=earlier,
-                               executor=executor, stop=stop)
+        summary = run_jobs(plan.jobs, store, config, progress=progress, earlier=earlier,
+                           executor=executor, stop=stop)
         summary.superseded, summary.redecided, summary.min_kept = superseded, redecided, min_kept
-        if config.score and not stop.abandon:
+        if summary.stopped_by == "SIGTERM":
+            return summary  # a scheduler's grace period is short: the next run does the rest
+        if config.score:
             _compare_pairs(store, plan, config)
-        if not stop.abandon:  # a scheduler's grace period is short; the next run writes it
-            _refresh_report(store)
+        _refresh_report(store)
     return summary
 
 
@@ -85,6 +86,8 @@ def run_jobs(jobs: list, store: RunStore, config: RunConfig, *, progress: Progre
         executor.run(driver, stop)
     except StoreError as exc:  # e.g. the disk filled up: what is committed stays valid
         error = str(exc)
+    except Terminated:  # the batch in flight is dropped; it runs again on resume
+        stop.signal = "SIGTERM"
     return driver.summary(stopped_by=stop.signal, error=error)
 
 
@@ -134,23 +137,23 @@ def _refresh_report(store: RunStore) -> None:
 @contextmanager
 def stop_on_signals() -> Iterator[Stop]:
     """SIGINT: finish and commit the work in flight, then stop (a second one aborts at once).
-    SIGTERM: stop at once; finished work is committed already, the batch in flight is
-    abandoned and redone on resume. Off the main thread signals cannot be handled: the caller
-    sets the Stop itself."""
+    SIGTERM: stop at once (errors.Terminated is raised into whatever runs); finished work is
+    committed already, the batch in flight is dropped and redone on resume. Off the main thread
+    signals cannot be handled: the caller sets the Stop itself."""
     stop = Stop()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def handle(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and stop.is_set():
+        if signum == signal.SIGTERM:
+            raise Terminated("terminated (SIGTERM); committed work is kept: run again to continue")
+        if stop.is_set():
             raise KeyboardInterrupt
-        stop.signal = signal.Signals(signum).name
-        stop.abandon = signum == signal.SIGTERM
+        stop.signal = "SIGINT"
         stop.set()
-        if not stop.abandon:
-            print("\nstopping after the batch in flight (press Ctrl-C again to abort now)",
-                  file=sys.stderr, flush=True)
+        print("\nstopping after the batch in flight (press Ctrl-C again to abort now)",
+              file=sys.stderr, flush=True)
 
     previous = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -20,8 +20,7 @@ class Executor(ABC):
 
 
 class Stop(threading.Event):
-    """Set by a signal handler: `signal` says which one; `abandon` means do not wait for the
-    work in flight (SIGTERM: a scheduler's grace period is short), else finish and commit it."""
+    """Set by a signal handler (SIGINT): finish and commit the work in flight, then stop.
+    `signal` says which signal stopped the run ("SIGTERM" when errors.Terminated did)."""
 
     signal: str = ""
-    abandon: bool = False

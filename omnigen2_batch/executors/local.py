@@ -1,19 +1,13 @@
 """The in-process executor: one worker (pipeline + scorer) on one device, micro-batches in turn.
-
-Each batch runs in a helper thread while this (the main) thread waits, so that a SIGTERM can
-end the run at once: everything finished is already committed, and the abandoned batch is
-simply redone on resume.
-"""
+(SIGTERM interrupts a batch from its signal handler: see errors.Terminated.)"""
 from __future__ import annotations
 
 import threading
 from typing import Any
 
 from ..config import RunConfig
-from .base import Executor, Stop
-from .driver import Driver, MicroBatch, run_isolated
-
-POLL = 0.1  # seconds between looks at the stop request while a batch runs
+from .base import Executor
+from .driver import Driver, run_isolated
 
 
 class LocalExecutor(Executor):
@@ -33,26 +27,4 @@ class LocalExecutor(Executor):
             batch = driver.next_batch(self.config.batch_size)
             if batch is None:
                 return
-            results = self._run(batch, stop)
-            if results is None:
-                return  # abandoned on SIGTERM; not committed, so it runs again on resume
-            driver.complete(batch, results)
-
-    def _run(self, batch: MicroBatch, stop: threading.Event) -> list | None:
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                outcome["results"] = run_isolated(self.worker.run, batch)
-            except BaseException as exc:  # handed to the main thread, which raises it
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=work, daemon=True, name="batch")
-        thread.start()
-        while thread.is_alive():
-            thread.join(POLL)
-            if isinstance(stop, Stop) and stop.abandon:
-                return None
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["results"]
+            driver.complete(batch, run_isolated(self.worker.run, batch))

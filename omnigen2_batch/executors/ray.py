@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 from ..config import RunConfig
 from ..errors import UnavailableError
 from ..jobs import JobResult
-from .base import Executor, Stop
+from .base import Executor
 from .driver import Driver, MicroBatch, failed_result, needed_refs, run_isolated
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,9 @@ class RayPool:
     # ------------------------------------------------------------------ the run loop
     def run(self, driver: Driver, batch_size: int, stop: threading.Event) -> None:
         """Feed the actors until every job is finished, or until `stop` (then the calls in
-        flight still land and commit, unless the stop abandons them: SIGTERM)."""
+        flight still land and commit; a SIGTERM abandons them, see errors.Terminated)."""
         driver.progress.note = self.throughput  # per-worker rates beside the ETA
         while driver.unfinished and not (stop.is_set() and not self._calls()):
-            if isinstance(stop, Stop) and stop.abandon:
-                return  # results of calls in flight are never read: redone on resume
             if not stop.is_set():
                 self._fill(driver, batch_size)
             self._step(driver)
