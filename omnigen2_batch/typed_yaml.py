@@ -106,7 +106,9 @@ INVALID = object()  # a value that failed conversion (its error is already recor
 
 
 def did_you_mean(word: Any, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    # 0.7 keeps typos (a swapped or missing letter scores 0.75 and up) and drops look-alikes
+    # that only share letters ("colour" scores 0.6 against "lora").
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.7)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
