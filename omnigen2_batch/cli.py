@@ -166,12 +166,12 @@ def _configure_logging(verbose: bool) -> None:
 
 # ---------------------------------------------------------------------------------- helpers
 def load_plan(recipe: str, allow_paths=(), strict: bool = False, model: str | None = None,
-              overrides: tuple[str, ...] = ()):
+              overrides: tuple[str, ...] = (), transformer: str | None = None):
     """Load, validate and plan RECIPE; raises RecipeError (a UserError) listing every problem."""
     from .plan import build_plan
     from .recipe import load_recipe
 
-    return build_plan(load_recipe(recipe, allow_paths, overrides), model, strict)
+    return build_plan(load_recipe(recipe, allow_paths, overrides), model, strict, transformer)
 
 
 def recipe_options(command):
@@ -197,6 +197,10 @@ def main(verbose: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------- commands
+TRANSFORMER_HELP = ("replace the model's transformer: a folder or a .safetensors file "
+                    "(default: the recipe's; part of every job's id)")
+
+
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--deep", is_flag=True, help="also check that the model and the scorer's weights "
@@ -219,13 +223,15 @@ def validate(recipe: str, deep: bool, as_json: bool, allow_paths, strict: bool, 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--model", help="model to plan for instead of the recipe's (tiny, hub id, folder)")
+@click.option("--transformer", metavar="PATH", help=TRANSFORMER_HELP)
 @json_option
 @recipe_options
-def plan(recipe: str, model: str | None, as_json: bool, allow_paths, strict: bool, overrides) -> Reply:
+def plan(recipe: str, model: str | None, transformer: str | None, as_json: bool, allow_paths,
+         strict: bool, overrides) -> Reply:
     """List the jobs RECIPE makes (in run order) and what they will cost."""
     from .plan import describe_plan
 
-    planned = load_plan(recipe, allow_paths, strict, model, overrides)
+    planned = load_plan(recipe, allow_paths, strict, model, overrides, transformer)
     return Reply(planned.to_dict(), describe_plan(planned),
                  notes=[f"warning: {w}" for w in planned.warnings])
 
@@ -245,6 +251,9 @@ def schema() -> Reply:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="default: auto (CUDA when there is one)")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="default: the recipe's")
 @click.option("--offload", type=click.Choice(["none", "model", "sequential", "group"]), help="default: the recipe's")
+@click.option("--transformer", metavar="PATH", help=TRANSFORMER_HELP)
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="torch.compile the transformer's blocks (default: the recipe's)")
 @click.option("--batch-size", type=click.IntRange(1, 64), help="jobs per micro-batch (default: the recipe's)")
 @click.option("--no-score", is_flag=True, help="keep every first attempt without CLIP scoring")
 @click.option("--keep-attempts", is_flag=True, help="also keep every attempt's image")
@@ -255,9 +264,10 @@ def schema() -> Reply:
 @click.option("--dashboard", is_flag=True, help="start the local Ray with its dashboard")
 @json_option
 @recipe_options
-def run(recipe: str, out: str | None, model, device, dtype, offload, batch_size, no_score: bool,
-        keep_attempts: bool, min_kept: str | None, executor, ray_address, workers, dashboard: bool,
-        as_json: bool, allow_paths, strict: bool, overrides) -> Reply:
+def run(recipe: str, out: str | None, model, device, dtype, offload, transformer, compile_,
+        batch_size, no_score: bool, keep_attempts: bool, min_kept: str | None, executor,
+        ray_address, workers, dashboard: bool, as_json: bool, allow_paths, strict: bool,
+        overrides) -> Reply:
     """Make every job of RECIPE into --out, continuing where an earlier run stopped.
 
     Exit 0 when every job is kept; 1 when some were rejected or failed (or fewer than
@@ -271,10 +281,13 @@ def run(recipe: str, out: str | None, model, device, dtype, offload, batch_size,
     from .recipe import read_recipe_bytes
     from .run import execute
 
-    plan = load_plan(recipe, allow_paths, strict, model, overrides)
-    config = plan.config.with_(device=device, dtype=dtype, offload=offload, executor=executor,
-                               batch_size=batch_size, keep_attempts=keep_attempts or None,
+    plan = load_plan(recipe, allow_paths, strict, model, overrides, transformer)
+    config = plan.config.with_(device=device, dtype=dtype, offload=offload, compile=compile_,
+                               executor=executor, batch_size=batch_size,
+                               keep_attempts=keep_attempts or None,
                                score=False if no_score else None)
+    if problem := config.compile_problem():
+        raise UserError(f"--compile: {problem}")
     if config.executor != "ray" and (ray_address or workers or dashboard):
         raise UserError("--ray-address, --workers and --dashboard need --executor ray "
                         "(or executor: ray in the recipe)")

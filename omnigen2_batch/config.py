@@ -57,7 +57,9 @@ class RunConfig:
     model: str = DEFAULT_MODEL  # "tiny", a hub id or a local folder (absolute)
     device: str = "auto"  # auto: CUDA when there is one, else the CPU
     dtype: str = "auto"  # auto: float32 on the CPU, bfloat16 on a GPU
-    offload: str = "none"  # none | model | sequential | group (see model/loading.py)
+    offload: str = "none"  # none | model | sequential | group (see model/memory.py)
+    transformer: str | None = None  # a replacing transformer (absolute path); None: the model's
+    compile: bool = False  # torch.compile the transformer's blocks
     score: bool = True
     clip: ClipConfig = field(default_factory=ClipConfig)
     executor: str = "local"
@@ -69,6 +71,13 @@ class RunConfig:
         """A copy with the given fields changed; None values leave a field as it is, so
         unset command-line flags can be passed straight through."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def compile_problem(self) -> str | None:
+        """Why `compile` cannot be used with this offload mode, or None."""
+        if self.compile and self.offload in ("sequential", "group"):
+            return (f"works with offload none or model, not {self.offload} (its hooks run "
+                    "inside the transformer's blocks, which a compiled block cannot hold)")
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

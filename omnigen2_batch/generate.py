@@ -2,7 +2,9 @@
 
 Requests that agree on everything but prompt, negative prompt, input pixels and seed
 (`GenRequest.batch_key`) share one pipeline call; each keeps its own seed through a generator of
-its own, so an image does not depend on what it was batched with.
+its own, so an image does not depend on what it was batched with. LoRA adapters are loaded once
+per worker, named by their content hash, and chosen per call (switching them costs nothing and
+never reloads the model); the step cache is chosen per call too.
 """
 from __future__ import annotations
 
@@ -61,10 +63,18 @@ class PipelineGenerator:
             # and the official single-input rule (output = input size) would make a series shot
             # with one reference ignore the size its recipe asks for, and the PNG record lie.
             align_res=False,
+            lora=self._adapters(first) or None, cache=cache_config(first),
             # CPU generators: the same seed gives the same noise on any device.
             generator=[torch.Generator("cpu").manual_seed(r.seed) for r in batch],
             output_type="pil",
         ).images
+
+    def _adapters(self, request: GenRequest) -> dict[str, float]:
+        """Adapter name -> scale for a call, loading each file the first time it is named."""
+        for ref in request.lora:
+            if ref.key not in self.pipeline.loras.names:
+                self.pipeline.load_lora(ref.path, name=ref.key)
+        return dict(request.lora_scales())
 
     def critique(self, image, prompt: str) -> str | None:
         """Ask the MLLM what in `image` does not match `prompt`: a short instruction, or None
@@ -83,3 +93,14 @@ class PipelineGenerator:
         answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
         answer = answer.strip()
         return None if not answer or answer.lower().strip(" .!") == "nothing" else answer
+
+
+def cache_config(request: GenRequest):
+    """The pipeline's CacheConfig for a request (None: exact, no cache)."""
+    if request.cache == "none":
+        return None
+    from .model import CacheConfig
+
+    if request.cache_threshold is None:
+        return CacheConfig(request.cache)
+    return CacheConfig(request.cache, threshold=request.cache_threshold)

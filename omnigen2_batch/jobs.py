@@ -36,6 +36,16 @@ class ImageRef:
 
 
 @dataclass(frozen=True)
+class LoraRef:
+    """A LoRA adapter a job applies: its file by content hash ("sha256:<hex>", as ImageRef: moving
+    the file redoes nothing, editing it does) and its scale."""
+
+    key: str
+    path: str  # where the file lies (absolute)
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
 class Scoring:
     """What an output is judged against. Not part of the job id."""
 
@@ -56,6 +66,9 @@ IDENTITY_FIELDS = (
     "kind", "prompt", "negative_prompt", "inputs", "width", "height", "steps",
     "text_guidance", "image_guidance", "cfg_range", "scheduler", "seed", "model", "max_input_side",
 )
+# Fields that determine the pixels only when set: at these defaults they stay out of the
+# identity, so the ids of every job made before they existed stay the same.
+OPTIONAL_IDENTITY = {"lora": (), "cache": "none", "cache_threshold": None, "transformer": ""}
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,10 @@ class Job:
     seed: int = 0
     model: str = "OmniGen2/OmniGen2"
     max_input_side: int = 1024  # input images are shrunk to fit this side before encoding
+    lora: tuple[LoraRef, ...] = ()  # adapters acting together, in recipe order
+    cache: str = "none"  # step cache: "none" | "teacache" | "taylorseer"
+    cache_threshold: float | None = None  # TeaCache's threshold; None for the other kinds
+    transformer: str = ""  # content key of a replacing transformer ("" : the model's own)
     lang: str = "en"
     candidates: int = 1  # best-of-N first attempts
     max_attempts: int = 3  # budget for the reflection ladder (candidates included)
@@ -94,6 +111,10 @@ class Job:
         ident = {name: getattr(self, name) for name in IDENTITY_FIELDS}
         ident["inputs"] = [ref.key for ref in self.inputs]
         ident["cfg_range"] = list(self.cfg_range)
+        for name, default in OPTIONAL_IDENTITY.items():
+            value = getattr(self, name)
+            if value != default:
+                ident[name] = [[r.key, r.scale] for r in value] if name == "lora" else value
         return ident
 
     @property
@@ -129,6 +150,7 @@ class Job:
         data["inputs"] = tuple(ImageRef(**ref) for ref in data.get("inputs", ()))
         data["cfg_range"] = tuple(data.get("cfg_range", (0.0, 1.0)))
         data["ladder"] = tuple(data.get("ladder", ()))
+        data["lora"] = tuple(LoraRef(**ref) for ref in data.get("lora", ()))
         scoring = dict(data.get("scoring") or {})
         scoring["references"] = tuple(ImageRef(**r) for r in scoring.get("references", ()))
         if scoring.get("source"):
@@ -199,17 +221,38 @@ class GenRequest:
     scheduler: str = "euler"
     seed: int = 0
     max_input_side: int = 1024
+    lora: tuple[LoraRef, ...] = ()
+    cache: str = "none"
+    cache_threshold: float | None = None
 
     @classmethod
     def for_job(cls, job: Job, images: list, **overrides: Any) -> "GenRequest":
         fields = {name: getattr(job, name) for name in (
             "prompt", "negative_prompt", "width", "height", "steps", "text_guidance",
-            "image_guidance", "cfg_range", "scheduler", "seed", "max_input_side")}
+            "image_guidance", "cfg_range", "scheduler", "seed", "max_input_side", "lora",
+            "cache", "cache_threshold")}
         return cls(images=list(images), **{**fields, **overrides})
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can run in one pipeline call."""
+        """Requests with equal keys can run in one pipeline call (adapters and cache are
+        per call: jobs with other LoRA scales or another cache never share one)."""
         return (self.width, self.height, self.steps, self.text_guidance, self.image_guidance,
                 tuple(self.cfg_range), self.scheduler, self.max_input_side,
-                tuple(im.size for im in self.images))
+                tuple(im.size for im in self.images), self.lora_scales(), self.cache,
+                self.cache_threshold)
+
+    def lora_scales(self) -> tuple[tuple[str, float], ...]:
+        return tuple((ref.key, ref.scale) for ref in self.lora)
+
+    def model_options(self) -> dict[str, Any]:
+        """The adapters and cache this request runs with, for its attempt's record; {} when
+        none (records of plain jobs look as they always did)."""
+        options: dict[str, Any] = {}
+        if self.lora:
+            options["lora"] = [{"path": r.path, "key": r.key, "scale": r.scale} for r in self.lora]
+        if self.cache != "none":
+            options["cache"] = self.cache
+        if self.cache_threshold is not None:
+            options["cache_threshold"] = self.cache_threshold
+        return options
 

@@ -20,13 +20,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import (BUILTIN_DEFAULTS, BUILTIN_SCORING, IMAGE_GUIDANCE, RANDOM_WEIGHTS,
-                     ClipConfig, RunConfig)
+from .config import BUILTIN_DEFAULTS, IMAGE_GUIDANCE, RunConfig
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .cost import Estimate, estimate
 from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
                      variations)
 from .jobs import ImageRef, Job, Scoring, job_id
+from .plan_options import (LoraRefs, resolve_model, resolve_transformer, run_config,
+                           speed_settings, transformer_key)
 from .prompt_budget import image_positions, text_budget
 from .recipe import Instruction, Loc, Recipe, RecipeError, Shot
 from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
@@ -52,10 +53,15 @@ class Plan:
                 "estimate": self.estimate.to_dict(), "warnings": self.warnings, "jobs": jobs}
 
 
-def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool = False) -> Plan:
-    """Expand a loaded recipe into jobs; raises RecipeError listing every plan-time problem."""
+def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool = False,
+               transformer_override: str | None = None) -> Plan:
+    """Expand a loaded recipe into jobs; raises RecipeError listing every plan-time problem.
+    The overrides (--model, --transformer) change job ids, so they come before any job."""
     check_job_count(recipe)
-    builder = JobBuilder(recipe, resolve_model(model_override) if model_override else recipe.model)
+    model = resolve_model(model_override) if model_override else recipe.model
+    transformer = (resolve_transformer(transformer_override) if transformer_override
+                   else recipe.transformer)
+    builder = JobBuilder(recipe, model, transformer_key(transformer))
     builder.build()
     warnings = builder.check_inputs()
     builder.check_prompt_lengths()
@@ -70,30 +76,8 @@ def build_plan(recipe: Recipe, model_override: str | None = None, strict: bool =
     if errors:
         raise RecipeError(list(dict.fromkeys(errors)))
     origins = {job.id: recipe.where(at) for job, at in builder.jobs}
-    return Plan(recipe.name, jobs, run_config(recipe, builder.model), estimate(jobs),
+    return Plan(recipe.name, jobs, run_config(recipe, model, transformer), estimate(jobs),
                 recipe.source.sha256, origins, warnings)
-
-
-def resolve_model(spec: str) -> str:
-    """A --model value: "tiny", a hub id, or a local folder (made absolute)."""
-    if not spec.startswith(("/", "./", "../", "~")):
-        return spec
-    path = Path(spec).expanduser().resolve()
-    if not path.is_dir():
-        raise RecipeError([f"--model: no such model folder: {spec} (looked for {path})"])
-    return str(path)
-
-
-def run_config(recipe: Recipe, model: str) -> RunConfig:
-    """The RunConfig a recipe asks for; unset scoring keys take the built-in defaults."""
-    given = recipe.defaults.scoring
-    scoring = {key: default if getattr(given, key, None) is None else getattr(given, key)
-               for key, default in BUILTIN_SCORING.items()}
-    pretrained = None if scoring["pretrained"] == RANDOM_WEIGHTS else scoring["pretrained"]
-    return RunConfig(model=model, dtype=recipe.dtype, offload=recipe.offload,
-                     score=scoring["enabled"], executor=recipe.executor,
-                     batch_size=recipe.batch_size, keep_attempts=recipe.keep_attempts,
-                     clip=ClipConfig(scoring["model"], pretrained, scoring["multilingual"]))
 
 
 # ---- expanding sections into jobs -------------------------------------------------------------
@@ -107,10 +91,11 @@ def slug(text: str, limit: int = 40) -> str:
 class JobBuilder:
     """Turns the sections of a recipe into (Job, location) pairs, collecting errors."""
 
-    def __init__(self, recipe: Recipe, model: str):
-        self.recipe, self.model = recipe, model
+    def __init__(self, recipe: Recipe, model: str, transformer: str = ""):
+        self.recipe, self.model, self.transformer = recipe, model, transformer  # its content key
         self.jobs: list[tuple[Job, Loc]] = []
         self.errors: list[str] = []
+        self.loras = LoraRefs(self.errors)
         self.anchors: dict[str, Job] = {}  # character name -> its portrait job
         self._names: dict[str, set[str]] = {}
         self._next_suffix: dict[tuple[str, str], int] = {}  # keeps unique_name linear
@@ -245,14 +230,16 @@ class JobBuilder:
                                    f"max_attempts ({max_attempts}), which counts them too")
         width, height = size or get("size")
         scoring = scoring or Scoring(text=prompt)
+        speed = speed_settings(lambda key: self.explicit(layers, key))
         job = Job(section=section, name=self.unique_name(section, name), kind=kind,
                   prompt=prompt, negative_prompt=get("negative_prompt"), inputs=inputs,
                   width=width, height=height, steps=get("steps"),
                   text_guidance=get("text_guidance"),
                   image_guidance=IMAGE_GUIDANCE["t2i"] if kind == "t2i"
                   else self.setting(layers, "image_guidance", IMAGE_GUIDANCE[kind]),
-                  cfg_range=get("cfg_range"), scheduler=get("scheduler"), model=self.model,
-                  max_input_side=get("max_input_side"),
+                  model=self.model, max_input_side=get("max_input_side"), **speed,
+                  lora=self.loras.refs(self.explicit(layers, "lora")),
+                  transformer=self.transformer,
                   lang=lang, candidates=candidates, max_attempts=max_attempts,
                   variants=get("variants"), ladder=tuple(get("ladder")),
                   sweep={**var.cell.labels, "base": name[:len(name) - len(var.suffix)]}
@@ -272,11 +259,18 @@ class JobBuilder:
     def setting(self, layers: list, key: str, default: Any = None) -> Any:
         """The nearest level's value of `key`: layers, then defaults, then `default` or the
         built-in."""
+        value = self.explicit(layers, key)
+        if value is not None:
+            return value
+        return BUILTIN_DEFAULTS[key] if default is None else default
+
+    def explicit(self, layers: list, key: str) -> Any:
+        """The nearest level's value of `key`, or None when no level sets it."""
         for layer in reversed([self.recipe.defaults, *layers]):
             value = getattr(layer, key, None)
             if value is not None:
                 return value
-        return BUILTIN_DEFAULTS[key] if default is None else default
+        return None
 
     def thresholds(self, layers: list) -> dict[str, float]:
         merged: dict[str, float] = {}

@@ -21,6 +21,7 @@ OPEN_CLIP_DEFAULT_FILE = "open_clip_pytorch_model.bin"  # open_clip's name when 
 def preflight(config: RunConfig) -> None:
     """Raise UnavailableError listing every problem; return quietly when all is in place."""
     problems = _device_problems(config.device) + _model_problems(config.model)
+    problems += _transformer_problems(config.transformer)
     if config.score:
         problems += clip_problems(config.clip)
     if problems:
@@ -49,6 +50,29 @@ def _model_problems(model: str) -> list[str]:
             check_component(folder, name)
     except ModelLoadError as err:
         return [str(err)]
+    return []
+
+
+def _transformer_problems(transformer: str | None) -> list[str]:
+    """A replacing transformer is where it was planned, with its configs and weights (checked
+    the way load_pipeline reads it, without loading the weights)."""
+    if transformer is None:
+        return []
+    from .model.loading import ModelLoadError, check_component, check_directory
+
+    path = Path(transformer)
+    try:
+        if path.is_file():
+            return [] if path.suffix == ".safetensors" else [
+                f"transformer {transformer}: only .safetensors weights are loaded"]
+        if (path / "transformer").is_dir():
+            check_component(path, "transformer")
+        elif path.is_dir():
+            check_directory(path, "transformer")
+        else:
+            return [f"transformer {transformer}: no such file or folder"]
+    except ModelLoadError as err:
+        return [f"transformer: {err}"]
     return []
 
 

@@ -8,8 +8,10 @@ group (and every item inside one) may override any generation setting from `defa
     executor: local                  # local | ray
     batch_size: 4                    # images per pipeline call (same-shape jobs only)
     keep_attempts: false             # also keep every attempt's image, not only the kept one
-    defaults: {size: [1024, 1024], steps: 50, seed: 0, scoring: {thresholds: {text: 0.25}}}
-                                     # every generation setting (GenOptions below; README)
+    transformer: ./finetune.safetensors          # optional: replaces the model's transformer
+    defaults: {size: [1024, 1024], steps: 50, seed: 0, scoring: {thresholds: {text: 0.25}},
+               lora: [{path: ./style.safetensors, scale: 0.8}], cache: {teacache: 0.08},
+               mode: fast}       # every generation setting (GenOptions below; README)
     prompts:                         # text-to-image; {var} placeholders
       - name: animals
         prompt: "a {animal} in {style} style"    # or a list of templates
@@ -53,18 +55,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
 from .config import DEFAULT_MODEL, DTYPES, OFFLOADS
-from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text,
-                           VarName,
-                           check_clashes, check_template, check_unique, known_names,
-                           resolve_inside)
-from .rules import LADDER_STEPS, METRICS
+from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, RunScoring,
+                           SectionScoring, SeedList, Size, Text, VarName, check_clashes,
+                           check_template, check_unique, known_names)
+from .recipe_weights import MODES, CacheSetting, LoraList, check_model, check_transformer
+from .rules import LADDER_STEPS
 from .sweep import Sweep, check_axes, placeholder_axes
 from .typed_yaml import (INVALID, Context, DocumentError, Loc, Range, Source, convert_dataclass,
                          dataclass_schema, did_you_mean, json_kind, opt, req)
@@ -72,7 +73,6 @@ from .yaml_document import apply_overrides, parse_yaml
 
 MAX_RECIPE_BYTES = 1 << 20
 MAX_JOBS, MAX_JOBS_CEILING = 10_000, 100_000  # max_jobs: its default, and the most it may say
-HUB_ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+"
 
 
 class RecipeError(DocumentError):
@@ -80,33 +80,6 @@ class RecipeError(DocumentError):
 
 
 # ---- the schema ---------------------------------------------------------------------------
-
-Metric = Literal[METRICS]
-
-
-@dataclass(kw_only=True)
-class SectionScoring:
-    HINTS = {key: "the CLIP scorer is run-wide: set it under defaults.scoring"
-             for key in ("model", "pretrained", "enabled", "multilingual")}
-    thresholds: dict[Metric, float] | None = opt(
-        "metric -> minimum to keep an output (cosines in [-1, 1], clipscore in [0, 100]); "
-        "merged over the level above")
-
-    def check(self, at: Loc, ctx: Context) -> None:
-        for metric, value in (self.thresholds or {}).items():
-            bounds = Range(0, 100) if metric == "clipscore" else Range(-1, 1)
-            bounds.check(value, at + ("thresholds", metric), ctx)
-
-
-@dataclass(kw_only=True)
-class RunScoring(SectionScoring):
-    HINTS = {}
-    enabled: bool | None = opt("score outputs and retry weak ones (default true)")
-    model: Text | None = opt("open_clip model name (default ViT-B-32)")
-    pretrained: Text | None = opt("open_clip pretrained tag or weights file (default openai); "
-                                  "random: seeded random weights, scores meaningless")
-    multilingual: bool | None = opt("the CLIP text tower reads Chinese (default false)")
-
 
 @dataclass(kw_only=True)
 class GenOptions:
@@ -132,6 +105,13 @@ class GenOptions:
         "keep up to this many passing images per job, ranked, each its own file")
     ladder: list[Literal[LADDER_STEPS]] | None = opt("retry strategies after a failed attempt")
     scoring: SectionScoring | None = opt("score thresholds for this level")
+    lora: LoraList | None = opt("LoRA adapters [{path, scale}] acting together; [] turns off "
+                                "the adapters of an outer level")
+    cache: CacheSetting | None = opt("step cache: none (exact), teacache, taylorseer, or "
+                                     "{teacache: THRESHOLD} (default 0.05; larger skips more)")
+    mode: Literal[MODES] | None = opt("exact (default) or fast: fast fills the cfg_range, "
+                                      "scheduler and cache this recipe leaves unset with "
+                                      "[0, 0.6], dpmsolver++ and taylorseer")
 
 
 @dataclass(kw_only=True)
@@ -333,6 +313,11 @@ class Recipe:
         "keep models in CPU memory and move them to the GPU as they run: model (whole models), "
         "sequential (layer by layer, least memory, slowest) or group (groups of layers)",
         default="none")
+    transformer: Text | None = opt(
+        "replace the model's transformer: a transformer folder (config.json + safetensors), a "
+        "model folder holding transformer/, or a .safetensors state dict (a fine-tune)")
+    compile: bool = opt("torch.compile the transformer's blocks (slow first calls, then "
+                        "faster; offload none or model only)", default=False)
     keep_attempts: bool = opt("keep every attempt's image too", default=False)
     max_jobs: Annotated[int, Range(1, MAX_JOBS_CEILING)] = opt(
         "refuse a recipe (a sweep, a matrix) that makes more jobs than this", default=MAX_JOBS)
@@ -371,6 +356,10 @@ class Recipe:
                 check_unique(group.pairs or [], ("bilingual", index, "pairs"),
                              lambda pair: pair.name, ctx)
         self.model = check_model(self.model, ctx)
+        self.transformer = check_transformer(self.transformer, ctx)
+        if self.compile and self.offload in ("sequential", "group"):
+            ctx.error(("compile",), f"works with offload none or model, not {self.offload} "
+                                    "(its hooks run inside the blocks a compiled block fuses)")
 
     def check_cast(self, names, at: Loc, ctx: Context) -> None:
         """Every name is a character, listed once."""
@@ -381,21 +370,6 @@ class Recipe:
                                  f"{did_you_mean(name, self.characters)}")
             elif name in list(names)[:index]:
                 ctx.error(where, f"{name!r} is listed twice")
-
-
-def check_model(model: str | None, ctx: Context) -> str | None:
-    """"tiny", a hub id, or a local folder (made absolute)."""
-    if model is None or model == "tiny":
-        return model
-    if model.startswith(("/", "./", "../", "~")):
-        path = resolve_inside(model, ("model",), ctx)
-        if path is not None and not path.is_dir():
-            ctx.error(("model",), f"no such model folder: {model} (looked for {path})")
-        return str(path) if path else model
-    if not re.fullmatch(HUB_ID_PATTERN, model):
-        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, tiny, or a local "
-                              f"folder starting with ./ or /, got {model!r}")
-    return model
 
 
 # ---- loading ------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ import stat
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from .images import ImageError, find_inputs
-from .typed_yaml import INVALID, Context, Loc, Pattern, did_you_mean, field_name, show
+from .rules import METRICS
+from .typed_yaml import (INVALID, Context, Loc, Pattern, Range, did_you_mean, field_name, opt,
+                         show)
 
 MIN_SIDE, MAX_SIDE, SIZE_STEP = 64, 2048, 16
 SCHEDULERS = ("euler", "dpmsolver++")
@@ -189,6 +191,35 @@ class SeedList:
         seed = {"type": "integer", "minimum": 0, "maximum": MAX_SEED}
         return {"type": "array", "items": seed, "minItems": 1, "maxItems": MAX_SEEDS,
                 "uniqueItems": True}
+
+
+# ---- scoring settings ------------------------------------------------------------------
+
+Metric = Literal[METRICS]
+
+
+@dataclass(kw_only=True)
+class SectionScoring:
+    HINTS = {key: "the CLIP scorer is run-wide: set it under defaults.scoring"
+             for key in ("model", "pretrained", "enabled", "multilingual")}
+    thresholds: dict[Metric, float] | None = opt(
+        "metric -> minimum to keep an output (cosines in [-1, 1], clipscore in [0, 100]); "
+        "merged over the level above")
+
+    def check(self, at: Loc, ctx: Context) -> None:
+        for metric, value in (self.thresholds or {}).items():
+            bounds = Range(0, 100) if metric == "clipscore" else Range(-1, 1)
+            bounds.check(value, at + ("thresholds", metric), ctx)
+
+
+@dataclass(kw_only=True)
+class RunScoring(SectionScoring):
+    HINTS = {}
+    enabled: bool | None = opt("score outputs and retry weak ones (default true)")
+    model: Text | None = opt("open_clip model name (default ViT-B-32)")
+    pretrained: Text | None = opt("open_clip pretrained tag or weights file (default openai); "
+                                  "random: seeded random weights, scores meaningless")
+    multilingual: bool | None = opt("the CLIP text tower reads Chinese (default false)")
 
 
 # ---- checks the recipe's classes share ----------------------------------------------------

@@ -173,7 +173,8 @@ class JobLadder:
         params = {"prompt": request.prompt, "text_guidance": request.text_guidance,
                   "image_guidance": request.image_guidance, "steps": request.steps,
                   "width": request.width, "height": request.height, "cfg_range": list(request.cfg_range),
-                  "scheduler": request.scheduler, "n_images": len(images), "scored": self.scored, **extra}
+                  "scheduler": request.scheduler, "n_images": len(images), "scored": self.scored,
+                  **request.model_options(), **extra}
         return Planned(n, seed, strategy, reason, params, request)
 
     def _previous(self) -> Attempt:

@@ -103,7 +103,8 @@ INVALID = object()  # a value that failed conversion (its error is already recor
 
 
 def did_you_mean(word: Any, choices) -> str:
-    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    # 0.7: typos score 0.75 and up; "colour" vs "lora" (0.6) shares letters, not a meaning
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.7)
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

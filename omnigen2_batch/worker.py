@@ -120,8 +120,8 @@ def build_worker(config: "RunConfig") -> Worker:
 
     device = resolve_device(config.device)
     dtype = None if config.dtype == "auto" else config.dtype
-    pipeline = load_pipeline(config.model, device=device, dtype=dtype,
-                             offload=config.offload != "none")
+    pipeline = load_pipeline(config.model, device=device, dtype=dtype, offload=config.offload,
+                             transformer=config.transformer, compile=config.compile)
     scorer = None
     if config.score:
         from .scoring import ClipScorer

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs: CacheConfig (and the presets built on it)
+    import torch   # must stay importable by the torch-free plan layer, which applies `mode`
 
 # TeaCache's rescale polynomial, highest power first, calibrated by the official code on the
 # real model (f(0) < 0: a near-zero change lowers the accumulator).
@@ -113,6 +115,8 @@ class TeaCache(StepCache):
                 current = _valid(modulated, layout, row)
                 values.append((current - state.previous).abs().mean() / state.previous.abs().mean())
                 rows.append(row)
+        import torch
+
         found = torch.stack(values).float().tolist() if values else []
         distances = [None] * len(states)
         for row, value in zip(rows, found):
