@@ -10,17 +10,21 @@ it checks that the requested device exists.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from .config import ClipConfig, RunConfig
 from .errors import UnavailableError
 
+PROBE_TIMEOUT = 5.0  # seconds to wait for a Ray head to accept a connection
 OPEN_CLIP_DEFAULT_FILE = "open_clip_pytorch_model.bin"  # open_clip's name when hf_hub has none
 
 
 def preflight(config: RunConfig) -> None:
     """Raise UnavailableError listing every problem; return quietly when all is in place."""
     problems = _device_problems(config.device) + _model_problems(config.model)
+    if config.executor == "ray":
+        problems += ray_address_problems(config.ray.address)
     problems += _transformer_problems(config.transformer)
     if config.score:
         problems += clip_problems(config.clip)
@@ -36,6 +40,21 @@ def _device_problems(device: str) -> list[str]:
 
     if not torch.cuda.is_available():
         return [f"device {device}: torch sees no CUDA device here; use --device cpu (or auto)"]
+    return []
+
+
+def ray_address_problems(address: str | None) -> list[str]:
+    """Ray retries a head that does not answer for minutes: find out in seconds. (None starts
+    a local Ray; "auto" is resolved by Ray itself, which fails fast.)"""
+    if not address or address == "auto":
+        return []
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=PROBE_TIMEOUT).close()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        return [f"--ray-address {address}: no Ray head answers there ({reason}); start one "
+                "with `ray start --head`, or pass its host:port (or auto)"]
     return []
 
 

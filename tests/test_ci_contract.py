@@ -145,6 +145,8 @@ def test_json_answers_every_failure_with_one_document(tmp_path):
         ("status", tmp_path): 2,
         ("run", tmp_path / "w" / "r.yaml", "--out", tmp_path / "b"): 3,
         ("validate", tmp_path / "w" / "r.yaml", "--deep"): 3,
+        ("run", write(tmp_path), "--out", tmp_path / "c", "--executor", "ray",
+         "--ray-address", "127.0.0.1:9"): 3,  # nothing listens: found in seconds, not minutes
         ("export", tmp_path / "nowhere", tmp_path / "dest"): 2,
     }
     for args, code in cases.items():
@@ -155,7 +157,7 @@ def test_json_answers_every_failure_with_one_document(tmp_path):
     recipe_error = json.loads(cli("validate", broken, "--json").stdout)["errors"][0]
     assert (recipe_error["file"], recipe_error["line"]) == (str(broken), 6)
     assert recipe_error["field"] == "prompts[0].steps"
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not [name for name in "abc" if (tmp_path / name).exists()]  # nothing was started
 
 
 def test_preflight_names_the_missing_scorer_file_before_any_work(tmp_path):

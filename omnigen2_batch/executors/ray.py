@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 from ..config import RunConfig
 from ..errors import UnavailableError
 from ..jobs import JobResult
+from ..preflight import ray_address_problems
 from .base import Executor
 from .driver import Driver, MicroBatch, failed_result, needed_refs, run_isolated
 
@@ -341,6 +342,9 @@ def ray_session(address: str | None, num_cpus: int, dashboard: bool) -> Iterator
     if ray.is_initialized():
         yield
         return
+    problems = ray_address_problems(address)
+    if problems:
+        raise UnavailableError(problems[0])
     ours = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     # Worker output stays in Ray's logs: on our stdout it would corrupt --json.
     common = dict(logging_level=logging.WARNING, log_to_driver=False)
