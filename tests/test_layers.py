@@ -26,7 +26,7 @@ LAYERS = [
     ["rescore", "report", "export", "picks"],
     ["executors"],
     ["run"],
-    ["cli"],
+    ["cli", "console"],
 ]
 LEVEL = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
