@@ -94,9 +94,11 @@ class ClipScorer:
             except Exception as err:  # a missing file, a wrong shape, a file that is not weights
                 log.debug("loading CLIP %s (%s) failed", model, pretrained, exc_info=True)
                 raise ScorerError(
-                    f"cannot load CLIP model {model!r} with weights {pretrained!r}: {err}. Name an "
-                    "open_clip model (open_clip.list_models()) and, for weights, a local weights file "
-                    "or a tag already in the Hugging Face cache (offline runs never download)") from err
+                    f"cannot load CLIP model {model!r} with weights {pretrained!r} "
+                    f"({type(err).__name__}: {err}). Name an open_clip model "
+                    "(open_clip.list_models()) and, for weights, a weights file of that model "
+                    "(.safetensors, or a weights-only torch checkpoint) or a tag already in the "
+                    "Hugging Face cache (offline runs never download)") from err
         self.model.eval().requires_grad_(False)
         self.tokenizer = _tokenizer(model)
         self._cache: dict[str, object] = {}
