@@ -168,7 +168,7 @@ def test_local_weights_file_is_loaded(tmp_path):
 
 
 def test_unknown_weights_name_what_to_do():
-    with pytest.raises(ScorerError, match="local weights file"):
+    with pytest.raises(ScorerError, match="a weights file of that model"):
         ClipScorer("tiny-clip", pretrained="no-such-tag")
 
 
