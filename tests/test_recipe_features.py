@@ -241,6 +241,21 @@ def test_a_3x2_sweep_makes_six_jobs_and_a_labelled_grid_of_their_images(tmp_path
     assert 'data-grid="grids/prompts/grid.png"' in page
 
 
+@pytest.mark.slow
+def test_a_third_axis_makes_one_labelled_grid_per_value(tmp_path):
+    body = SWEEP.replace("      style: [watercolor, ink]\n",
+                         "      style: [watercolor, ink]\n      steps: [1, 2]\n")
+    result = cli("run", write_recipe(tmp_path, "cube", body), "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    steps_of = {i: json.loads(job)["steps"] for i, job in
+                manifest(tmp_path / "run", "SELECT id, job FROM jobs")}
+    assert sorted(steps_of.values()) == [1] * 6 + [2] * 6
+    for z, steps in enumerate((1, 2), start=1):
+        with Image.open(tmp_path / "run" / "grids" / "prompts" / f"grid-z{z}.png") as grid:
+            cells = json.loads(grid.text["omnigen2_batch_grid"])["cells"]
+        assert len(cells) == 6 and {steps_of[i] for i in cells} == {steps}
+
+
 def test_a_sweep_over_max_jobs_is_refused_with_the_count(tmp_path):
     body = ("prompts:\n  - name: big\n    prompt: 'a {a} {b}'\n    sweep:\n"
             f"      a: [{', '.join(f'a{i}' for i in range(73))}]\n"
