@@ -121,7 +121,8 @@ def _refresh_report(store: RunStore) -> None:
     report never costs the run its images: its failure is logged, `report` retries it."""
     from .report import write_report
 
-    state = store.state_digest()
+    # The page shows the outcomes and the recipe (its thresholds, names): either may change.
+    state = f"{store.state_digest()}:{store.get_meta('recipe_sha256')}"
     if store.get_meta("report_state") == state and (store.run_dir / "report.html").is_file():
         return
     try:
