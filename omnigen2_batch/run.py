@@ -9,6 +9,7 @@ edit, a crash or a signal) continues where the directory stands.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ from .errors import Terminated
 from .plan import Plan
 from .progress import Progress
 from .rescore import record_pairs, redecide
-from .store import RunStore, StoreError
+from .store import RunStore, StoreError, UnsafePath
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,13 @@ def stop_on_signals() -> Iterator[Stop]:
 def _debug_log(run_dir: Path) -> Iterator[None]:
     """Everything down to DEBUG, tracebacks included, goes to RUN_DIR/run.log; the terminal
     only sees the messages."""
-    handler = logging.FileHandler(run_dir / LOG_FILE, encoding="utf-8", delay=True)
+    try:  # never through a link: a planted run.log must not send writes outside the run dir
+        fd = os.open(run_dir / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW,
+                     0o644)
+    except OSError as exc:
+        raise UnsafePath(f"cannot write {run_dir / LOG_FILE}: {exc.strerror or exc}; it must be "
+                         "a plain file of this run directory") from None
+    handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     package = logging.getLogger("omnigen2_batch")
@@ -180,4 +187,4 @@ def _debug_log(run_dir: Path) -> Iterator[None]:
     finally:
         package.removeHandler(handler)
         package.setLevel(level)
-        handler.close()
+        handler.stream.close()
