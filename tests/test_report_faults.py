@@ -188,3 +188,16 @@ def test_one_rule_for_the_side_of_a_bilingual_pair() -> None:
 
     assert [side("en"), side("zh"), side("zh-Hans"), side("ja")] == ["en", "zh", "zh", "zh"]
     assert side("en", pair="") is None
+
+
+@pytest.mark.parametrize("folder", ["thumbs", "sheets"])
+def test_a_report_folder_that_is_a_link_is_refused_and_nothing_written_through_it(
+        tmp_path: Path, folder: str) -> None:
+    run = write_mixed_run(tmp_path / "run", tmp_path / "refs")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run / folder, ignore_errors=True)
+    (run / folder).symlink_to(elsewhere)
+    with pytest.raises(ReportError, match="link"):
+        write_report(run)
+    assert list(elsewhere.iterdir()) == []

@@ -34,6 +34,7 @@ def is_temp(path: Path) -> bool:
 
 def write_atomic(path: Path, data: bytes, durable: bool = False) -> Path:
     """Write `data` to `path` all or nothing. `durable` also syncs it to disk (for the page)."""
+    refuse_links(path.parent)
     for _ in range(3):  # a run that starts meanwhile sweeps every temp file: write ours again
         temp = temp_path(path)
         try:
@@ -54,6 +55,15 @@ def write_atomic(path: Path, data: bytes, durable: bool = False) -> Path:
             temp.unlink(missing_ok=True)  # ours alone; gone already after the rename
     raise ReportError(f"cannot write {path}: its temp file kept disappearing; "
                       "is another program deleting files in the run dir?")
+
+
+def refuse_links(folder: Path) -> None:
+    """The report writes only into real folders of the (resolved) run dir: a thumbs/ or sheets/
+    that is a link would send its files somewhere else."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())
+    if os.path.realpath(existing) != os.path.abspath(existing):
+        raise ReportError(f"{existing} is a link (or lies behind one); the report never writes "
+                          "through links: remove it, then run `omnigen2-batch report` again")
 
 
 @contextmanager

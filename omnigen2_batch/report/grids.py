@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, PngImagePlugin
 
 from ..images import ImageError, load_rgb
 from .data import JobView, Run
-from .files import write_atomic
+from .files import refuse_links, write_atomic
 from .text import neutralise
 
 GRID_DIR = "grids"
@@ -74,6 +74,7 @@ def write_grids(run: Run) -> dict[str, Grid]:
         buffer = io.BytesIO()
         image.save(buffer, "PNG", pnginfo=info)
         path = run.root / rel
+        refuse_links(path.parent)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, buffer.getvalue())
         written[rel] = grid
