@@ -22,7 +22,7 @@ from PIL import Image
 
 from helpers_rundir import kept, write_bulk_run, write_mixed_run
 from omnigen2_batch.jobs import Job, Scoring
-from omnigen2_batch.report import write_report
+from omnigen2_batch.report import ReportError, write_report
 from omnigen2_batch.store import TEMP_PREFIX, RunStore
 
 REPO = Path(__file__).resolve().parents[1]
