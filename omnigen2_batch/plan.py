@@ -20,15 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import ClipConfig, RunConfig
+from .config import TOY_CLIP, TOY_MODEL, ClipConfig, RunConfig, toy_thresholds
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .cost import Estimate, estimate
 from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
                      variations)
 from .jobs import ImageRef, Job, Scoring, job_id
 from .prompt_budget import image_positions, text_budget
-from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, Instruction, Loc, Recipe,
-                     RecipeError, Shot)
+from .recipe import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, TOY_DEFAULTS, TOY_SCORING,
+                     Instruction, Loc, Recipe, RecipeError, Shot)
 from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
 
 MAX_REF_IMAGES = 5  # model/transformer.py's MAX_REF_IMAGES: input images one job can have
@@ -87,14 +87,23 @@ def resolve_model(spec: str) -> str:
 
 def run_config(recipe: Recipe, model: str) -> RunConfig:
     """The RunConfig a recipe asks for; unset scoring keys take the built-in defaults."""
-    given = recipe.defaults.scoring
-    scoring = {key: default if getattr(given, key, None) is None else getattr(given, key)
-               for key, default in BUILTIN_SCORING.items()}
+    scoring = scoring_settings(recipe, model)
     pretrained = None if scoring["pretrained"] == RANDOM_WEIGHTS else scoring["pretrained"]
     return RunConfig(model=model, dtype=recipe.dtype, offload=recipe.offload,
                      score=scoring["enabled"], executor=recipe.executor,
                      batch_size=recipe.batch_size, keep_attempts=recipe.keep_attempts,
                      clip=ClipConfig(scoring["model"], pretrained, scoring["multilingual"]))
+
+
+def scoring_settings(recipe: Recipe, model: str) -> dict[str, Any]:
+    """defaults.scoring over the built-ins; the toy model's built-in scorer is the toy CLIP
+    unless the recipe names a CLIP model itself."""
+    given = recipe.defaults.scoring
+    builtin = dict(BUILTIN_SCORING)
+    if model == TOY_MODEL and getattr(given, "model", None) is None:
+        builtin |= TOY_SCORING
+    return {key: default if getattr(given, key, None) is None else getattr(given, key)
+            for key, default in builtin.items()}
 
 
 # ---- expanding sections into jobs -------------------------------------------------------------
@@ -110,6 +119,10 @@ class JobBuilder:
 
     def __init__(self, recipe: Recipe, model: str):
         self.recipe, self.model = recipe, model
+        self.builtins = BUILTIN_DEFAULTS | (TOY_DEFAULTS if model == TOY_MODEL else {})
+        # Thresholds calibrated for the toy CLIP on the toy world: only when that CLIP scores.
+        toy_scored = scoring_settings(recipe, model)["model"] == TOY_CLIP
+        self.base_thresholds = toy_thresholds() if toy_scored else {}
         self.jobs: list[tuple[Job, Loc]] = []
         self.errors: list[str] = []
         self.anchors: dict[str, Job] = {}  # character name -> its portrait job
@@ -258,7 +271,7 @@ class JobBuilder:
                   variants=get("variants"), ladder=tuple(get("ladder")),
                   sweep={**var.cell.labels, "base": name[:len(name) - len(var.suffix)]}
                   if var is not None and var.cell.labels else {},
-                  scoring=replace(scoring, thresholds=self.thresholds(layers)))
+                  scoring=replace(scoring, thresholds=self.thresholds(layers, kind, scoring)))
         base_seed = seed_setting(self.recipe, layers)[0] or 0
         job = job.with_(seed=derive_seed(base_seed, job) if seed is None else seed)
         self.jobs.append((job, at))
@@ -277,10 +290,13 @@ class JobBuilder:
             value = getattr(layer, key, None)
             if value is not None:
                 return value
-        return BUILTIN_DEFAULTS[key] if default is None else default
+        return self.builtins[key] if default is None else default
 
-    def thresholds(self, layers: list) -> dict[str, float]:
-        merged: dict[str, float] = {}
+    def thresholds(self, layers: list, kind: str, scoring: Scoring) -> dict[str, float]:
+        """The recipe's thresholds, nearest level last, over the built-in ones of the kind
+        (those only for metrics this job is scored on)."""
+        merged = {metric: value for metric, value in self.base_thresholds.get(kind, {}).items()
+                  if metric != "direction" or (scoring.source_caption and scoring.target_caption)}
         for layer in [self.recipe.defaults, *layers]:
             merged.update((layer.scoring.thresholds or {}) if layer.scoring else {})
         return merged

@@ -4,7 +4,8 @@ A recipe names a run and lists what to make. Every section is a list of named gr
 group (and every item inside one) may override any generation setting from `defaults`::
 
     name: spring-campaign            # required; names the run
-    model: OmniGen2/OmniGen2         # hub id | "tiny" (embedded test model) | ./local/folder
+    model: OmniGen2/OmniGen2         # hub id | "toy" (shipped toy-world model) | "tiny" (random,
+                                     # for tests) | ./local/folder
     executor: local                  # local | ray
     batch_size: 4                    # images per pipeline call (same-shape jobs only)
     keep_attempts: false             # also keep every attempt's image, not only the kept one
@@ -59,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from .config import DTYPES, OFFLOADS
+from .config import DTYPES, EMBEDDED_MODELS, OFFLOADS, TOY_CLIP
 from .recipe_types import (SCHEDULERS, CfgRange, InputFile, InputGlob, Name, SeedList, Size, Text,
                            VarName,
                            check_clashes, check_template, check_unique, known_names,
@@ -84,8 +85,13 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "blurry, low quality, distorted, deformed, bad anatomy, extra limbs, "
                        "watermark, text artifacts",
 }
+# The toy model draws 64 px scenes and learnt guidance against the empty prompt.
+TOY_DEFAULTS: dict[str, Any] = {"size": (64, 64), "steps": 20, "text_guidance": 4.0,
+                                "negative_prompt": "", "max_input_side": 64}
 BUILTIN_SCORING = {"enabled": True, "model": "ViT-B-32", "pretrained": "openai",
                    "multilingual": False}
+# With model: toy the scorer is the toy CLIP (bilingual) unless the recipe names another.
+TOY_SCORING = {"model": TOY_CLIP, "pretrained": None, "multilingual": True}
 RANDOM_WEIGHTS = "random"  # scoring.pretrained value for seeded random CLIP weights (tests)
 
 
@@ -338,7 +344,8 @@ class Recipe:
                             "widen its own access"}
     FREE_PREFIX = "x-"  # top-level keys the engine ignores: a place for YAML anchors
     name: Name = req("the run's name")
-    model: Text = opt("hub id, tiny, or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
+    model: Text = opt("hub id, toy (the shipped toy-world model), tiny (random weights, for tests), "
+                      "or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
     executor: Literal["local", "ray"] = opt("where jobs run", default="local")
     batch_size: Annotated[int, Range(1, 64)] = opt("images per pipeline call", default=4)
     dtype: Literal[DTYPES] = opt("weights' precision; auto: float32 on a CPU, bfloat16 on a GPU",
@@ -398,8 +405,8 @@ class Recipe:
 
 
 def check_model(model: str | None, ctx: Context) -> str | None:
-    """"tiny", a hub id, or a local folder (made absolute)."""
-    if model is None or model == "tiny":
+    """"tiny" or "toy", a hub id, or a local folder (made absolute)."""
+    if model is None or model in EMBEDDED_MODELS:
         return model
     if model.startswith(("/", "./", "../", "~")):
         path = resolve_inside(model, ("model",), ctx)
@@ -407,7 +414,7 @@ def check_model(model: str | None, ctx: Context) -> str | None:
             ctx.error(("model",), f"no such model folder: {model} (looked for {path})")
         return str(path) if path else model
     if not re.fullmatch(HUB_ID_PATTERN, model):
-        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, tiny, or a local "
+        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, toy, tiny, or a local "
                               f"folder starting with ./ or /, got {model!r}")
     return model
 

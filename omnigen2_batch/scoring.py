@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from .config import open_clip_name
 from .errors import UnavailableError
 
 if TYPE_CHECKING:  # torch and PIL stay out of CLI start-up
@@ -71,7 +72,8 @@ class ClipScorer:
 
     `pretrained`: None (seeded random weights: scores are meaningless, for tests and smoke runs),
     an open_clip tag resolved from the local cache only when HF_HUB_OFFLINE is set, or a local
-    weights file. Models named "hf-hub:..." or "local-dir:..." bring their own weights.
+    weights file. Models named "hf-hub:..." or "local-dir:..." bring their own weights, and so does
+    "toy-clip" (the package's toy-world CLIP, which reads English and Chinese).
     `multilingual`: the text tower understands the job's own language (e.g. an XLM-R CLIP).
     """
 
@@ -83,6 +85,7 @@ class ClipScorer:
         register_configs()
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.multilingual, self.batch_size = multilingual, batch_size
+        model = open_clip_name(model)
         schema, _ = open_clip.factory.parse_model_name(model)
         self.random_weights = not pretrained and schema is None
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
