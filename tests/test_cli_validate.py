@@ -14,6 +14,7 @@ from omnigen2_batch.recipe import schema_text
 
 ROOT = Path(__file__).parent.parent
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+TINY = ROOT / "recipes" / "tiny.yaml"  # every section kind on the random tiny model
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 
 
@@ -50,10 +51,11 @@ def test_example_recipes_are_valid(recipe):
 
 
 def test_plan_json_lists_jobs_in_run_order_with_estimate():
-    result = invoke("plan", QUICKSTART, "--json")
+    result = invoke("plan", TINY, "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     ids = [job["id"] for job in plan["jobs"]]
+    assert any(job["depends_on"] for job in plan["jobs"])  # the portrait anchor's shots
     for position, job in enumerate(plan["jobs"]):
         assert all(ids.index(dep) < position for dep in job["depends_on"])
     assert plan["estimate"]["jobs"] == len(ids)
@@ -61,12 +63,25 @@ def test_plan_json_lists_jobs_in_run_order_with_estimate():
     assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
 
 
+def test_quickstart_plans_the_toy_model_with_its_scorer_and_defaults():
+    plan = json.loads(invoke("plan", QUICKSTART, "--json").stdout)
+    assert plan["config"]["model"] == "toy"
+    assert plan["config"]["clip"] == {"model": "toy-clip", "pretrained": None, "multilingual": True}
+    assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
+    assert {(job["width"], job["height"], job["negative_prompt"]) for job in plan["jobs"]} == {(64, 64, "")}
+    metrics = {job["kind"]: set(job["scoring"]["thresholds"]) for job in plan["jobs"]}
+    assert metrics["t2i"] == {"text"} and "consistency_min" in metrics["incontext"]
+    # another model keeps the recipe's other settings, and the built-in scorer is no longer toy
+    tiny = json.loads(invoke("plan", QUICKSTART, "--json", "--set", "model=tiny").stdout)
+    assert tiny["config"]["clip"]["model"] == "ViT-B-32" and tiny["jobs"][0]["width"] == 1024
+
+
 def test_plan_table_and_model_override():
-    result = invoke("plan", QUICKSTART, "--model", "OmniGen2/OmniGen2")
+    result = invoke("plan", TINY, "--model", "OmniGen2/OmniGen2")
     assert result.exit_code == 0, result.output
     assert "characters/robo" in result.stdout and "GPU-seconds" in result.stdout
     assert "model OmniGen2/OmniGen2" in result.stdout
-    missing = invoke("plan", QUICKSTART, "--model", "./no/such/folder")
+    missing = invoke("plan", TINY, "--model", "./no/such/folder")
     assert missing.exit_code == 2 and "--model: no such model folder" in missing.output
 
 
