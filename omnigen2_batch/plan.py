@@ -96,12 +96,10 @@ def run_config(recipe: Recipe, model: str) -> RunConfig:
 
 
 def scoring_settings(recipe: Recipe, model: str) -> dict[str, Any]:
-    """defaults.scoring over the built-ins; the toy model's built-in scorer is the toy CLIP
-    unless the recipe names a CLIP model itself."""
+    """defaults.scoring over the built-ins (for model toy: its CLIP, unless the recipe names one)."""
     given = recipe.defaults.scoring
-    builtin = dict(BUILTIN_SCORING)
-    if model == TOY_MODEL and getattr(given, "model", None) is None:
-        builtin |= TOY_SCORING
+    toy = model == TOY_MODEL and getattr(given, "model", None) is None
+    builtin = BUILTIN_SCORING | (TOY_SCORING if toy else {})
     return {key: default if getattr(given, key, None) is None else getattr(given, key)
             for key, default in builtin.items()}
 
@@ -293,10 +291,8 @@ class JobBuilder:
         return self.builtins[key] if default is None else default
 
     def thresholds(self, layers: list, kind: str, scoring: Scoring) -> dict[str, float]:
-        """The recipe's thresholds, nearest level last, over the built-in ones of the kind
-        (those only for metrics this job is scored on)."""
-        merged = {metric: value for metric, value in self.base_thresholds.get(kind, {}).items()
-                  if metric != "direction" or (scoring.source_caption and scoring.target_caption)}
+        """The recipe's thresholds over the built-in ones of the kind that the job is scored on."""
+        merged = {m: v for m, v in self.base_thresholds.get(kind, {}).items() if scoring.measures(m)}
         for layer in [self.recipe.defaults, *layers]:
             merged.update((layer.scoring.thresholds or {}) if layer.scoring else {})
         return merged

@@ -159,7 +159,7 @@ class ClipScorer:
 
     def _texts(self, job: "Job") -> list[str]:
         s = job.scoring
-        direction = [s.source_caption, s.target_caption] if _has_direction(job) else []
+        direction = [s.source_caption, s.target_caption] if s.measures("direction") else []
         return [alignment_text(job, self.multilingual)] + direction
 
     def _metrics(self, job: "Job", out, ref_vecs: dict, texts: dict) -> dict[str, float]:
@@ -176,7 +176,7 @@ class ClipScorer:
         if s.source is not None:
             src = ref_vecs[s.source.key]
             scores["preservation"] = float(out @ src)
-            if _has_direction(job):
+            if s.measures("direction"):
                 scores["direction"] = _cosine(out - src, texts[s.target_caption] - texts[s.source_caption])
         return scores
 
@@ -188,11 +188,6 @@ class ClipScorer:
 
 def scoring_refs(job: "Job"):
     return job.scoring.references + ((job.scoring.source,) if job.scoring.source else ())
-
-
-def _has_direction(job: "Job") -> bool:
-    s = job.scoring
-    return bool(s.source is not None and s.source_caption and s.target_caption)
 
 
 def _cosine(a, b) -> float:
