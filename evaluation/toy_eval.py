@@ -74,11 +74,13 @@ def build_recipe(count: int, seed: int, ladder: bool, folder: Path) -> dict:
     """The evaluation recipe; its input images are written under folder/inputs."""
     rng = random.Random(seed)
     (folder / "inputs").mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for i in range(count):
+    pairs, seen = [], set()
+    while len(pairs) < count:  # distinct prompts: the same prompt twice would be the same job
         scene = sample_scene(rng, "eval", 1)
-        pairs.append({"name": f"s{i}", "en": caption(scene, "en", "full", rng.randrange(3)),
-                      "zh": caption(scene, "zh", "full", rng.randrange(3))})
+        en, zh = caption(scene, "en", "full", rng.randrange(3)), caption(scene, "zh", "full", rng.randrange(3))
+        if en not in seen and zh not in seen:
+            seen |= {en, zh}
+            pairs.append({"name": f"s{len(pairs)}", "en": en, "zh": zh})
     edits = []
     for i in range(count):
         edit = held_out_edit(rng)
