@@ -19,10 +19,17 @@ from omnigen2_batch.toy.captions import caption
 from omnigen2_batch.toy.judge import judge_caption, judge_job, judge_scene
 from omnigen2_batch.toy.scenes import render, sample_scenes
 
-# Measured on the shipped weights (fixed seeds below); floors a little under.
-VAE_JUDGE_FLOOR = 0.9  # placeholder until measured
-T2I_FLOOR = 0.0  # placeholder until measured
-CLIP_TOP1_FLOOR = 0.0  # placeholder until measured
+# Measured on the shipped weights with the seeds below (13:08 UTC, 2026-11-30); floors a little
+# under. The model is weak (70 CPU-minutes of training): few images get *every* attribute right,
+# so t2i is held by the share of attributes right, which a broken model would drop.
+VAE_JUDGE_FLOOR = 0.7  # measured 0.79 (19 of 24 two-object scenes read back exactly)
+T2I_ATTRIBUTE_FLOOR = 0.4  # measured 0.47 (background 1.0, colour 0.42, shape 0.25, position 0.5)
+CLIP_TOP1_FLOOR = 0.9  # measured 1.0 EN and ZH
+
+
+def attribute_share(verdict) -> float:
+    """Share of the stated attributes the judge found right (1.0 = the whole caption)."""
+    return sum(verdict.checks.values()) / len(verdict.checks)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +70,9 @@ def test_t2i_draws_held_out_captions(toy_pipeline):
     generators = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
     images = toy_pipeline(prompts, height=64, width=64, num_inference_steps=20, text_guidance_scale=4.0,
                           generator=generators).images
-    right = sum(judge_caption(image, prompt).ok for image, prompt in zip(images, prompts)) / len(prompts)
-    assert right >= T2I_FLOOR
+    verdicts = [judge_caption(image, prompt) for image, prompt in zip(images, prompts)]
+    assert sum(map(attribute_share, verdicts)) / len(verdicts) >= T2I_ATTRIBUTE_FLOOR
+    assert all(v.checks["background"] for v in verdicts)
 
 
 def test_toy_clip_ranks_the_true_caption_first():
@@ -72,11 +80,12 @@ def test_toy_clip_ranks_the_true_caption_first():
 
     scorer = ClipScorer("toy-clip", multilingual=True)
     assert not scorer.random_weights
-    scenes = sample_scenes(seed=11, count=16, split="eval")
+    scenes = sample_scenes(seed=11, count=24, split="eval")
     for lang in ("en", "zh"):
-        similarity = scorer.embed_images([render(s) for s in scenes]) @ \
-            scorer.embed_texts([caption(s, lang, "short") for s in scenes]).T
-        top1 = sum(int(row.argmax()) == i for i, row in enumerate(similarity)) / len(scenes)
+        own = [caption(s, lang, "short") for s in scenes]
+        texts = sorted(set(own))  # held-out scenes repeat captions: rank the distinct ones
+        similarity = scorer.embed_images([render(s) for s in scenes]) @ scorer.embed_texts(texts).T
+        top1 = sum(texts[int(row.argmax())] == caption for row, caption in zip(similarity, own)) / len(own)
         assert top1 >= CLIP_TOP1_FLOOR, lang
 
 
@@ -92,8 +101,9 @@ prompts:
 
 @pytest.mark.slow
 def test_a_scored_run_keeps_images_the_judge_prefers(tmp_path: Path):
-    """Through the CLI with the default toy scorer and thresholds: the kept images are judged
-    right more often than the first attempts were, and the report says what the toy model is."""
+    """Through the CLI with the default toy scorer and thresholds: the judge finds more of the
+    stated attributes in the kept images than in the first attempts, and the report says what
+    the toy model is."""
     from omnigen2_batch.images import load_rgb
     from omnigen2_batch.store import RunStore
 
@@ -107,7 +117,8 @@ def test_a_scored_run_keeps_images_the_judge_prefers(tmp_path: Path):
     with RunStore.open(run, readonly=True) as store:
         for row in store.jobs():
             attempts = {a["n"]: a for a in store.attempts(row["id"])}
-            verdict = lambda n: judge_job("t2i", row["job"]["prompt"], [], load_rgb(run / attempts[n]["image"])).ok  # noqa: E731
+            verdict = lambda n: attribute_share(judge_job(  # noqa: E731
+                "t2i", row["job"]["prompt"], [], load_rgb(run / attempts[n]["image"])))
             first.append(verdict(0))
             if row["status"] == "kept":
                 kept.append(verdict(row["best"]))
