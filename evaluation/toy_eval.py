@@ -54,6 +54,7 @@ class Judged:
     identity_ok: bool  # in-context: every character right (background aside)
     final: bool  # the image the job ended with (kept or rejected)
     status: str  # the job's
+    checks: dict  # the judge's verdict per attribute
 
 
 # -- the recipe --------------------------------------------------------------------------------
@@ -140,7 +141,7 @@ def judged_attempts(run_dir: Path) -> list[Judged]:
                 identity = all(v for k, v in verdict.checks.items() if k.startswith("character"))
                 judged.append(Judged(job.id, job.kind, job.lang, attempt["n"], attempt["scores"] or {},
                                      bool(attempt["passed"]), verdict.ok, identity,
-                                     attempt["n"] == row["best"], row["status"]))
+                                     attempt["n"] == row["best"], row["status"], verdict.checks))
     return judged
 
 
@@ -168,6 +169,8 @@ def figures_of(judged: list[Judged]) -> dict:
     }
     en, zh = rows["t2i EN (all attributes)"], rows["t2i ZH (all attributes)"]
     rows["t2i EN - ZH gap"] = en - zh if en is not None and zh is not None else None
+    for attribute in ("background", "count", "colour", "shape", "position", "size"):  # where it fails
+        rows[f"  t2i {attribute} right"] = share(j.checks.get(attribute) for j in first if j.kind == "t2i")
     auc = {}
     for kind, metrics in LADDER_METRICS.items():
         for metric in metrics:
