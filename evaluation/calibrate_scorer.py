@@ -8,9 +8,17 @@ Two sources:
       matched from mismatched pairs (highest balanced accuracy).
   --run RUN_DIR                 the scores a run recorded for every attempt (no model needed).
       The suggestion per metric is the --percentile of the scores (default 10: about 90% pass).
+  --run RUN_DIR --toy           a toy-model run made with every attempt kept (toy_eval.py): each
+      attempt image is judged from pixels, and per job kind the suggestion for each metric the
+      ladder uses is the cut that best separates judged-right from judged-wrong images.
+      --write-toy-thresholds stores them beside the toy weights (thresholds.json), where
+      `model: toy` recipes take their default thresholds from; metrics whose ROC AUC is below
+      0.6 are left out (a threshold that cannot tell right from wrong only rejects good work).
 
   python evaluation/calibrate_scorer.py --images out/ --prompts prompts.txt --clip ViT-B-32 --pretrained openai
   python evaluation/calibrate_scorer.py --run runs/demo --percentile 20 --json
+  python evaluation/toy_eval.py --count 48 --seed 1 --no-ladder --out /tmp/toy-cal && \
+  python evaluation/calibrate_scorer.py --run /tmp/toy-cal/run --toy --write-toy-thresholds
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import sys
 from pathlib import Path
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
+MIN_AUC = 0.6  # below this a toy threshold is left out
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -82,6 +91,43 @@ def run_scores(run_dir: Path) -> dict:
     return {"scores": scores, "mismatched_text": [], "random_weights": config.clip.random_weights}
 
 
+def toy_suggestions(run_dir: Path) -> dict:
+    """kind -> metric -> the best cut between judged-right and judged-wrong attempt images."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from toy_eval import LADDER_METRICS, judged_attempts, roc_auc
+
+    judged, found = judged_attempts(run_dir), {}
+    for kind, metrics in LADDER_METRICS.items():
+        for metric in metrics:
+            right = [j.scores[metric] for j in judged if j.kind == kind and metric in j.scores and j.ok]
+            wrong = [j.scores[metric] for j in judged if j.kind == kind and metric in j.scores and not j.ok]
+            if right and wrong:
+                cut, accuracy = best_separation(right, wrong)
+                found.setdefault(kind, {})[metric] = {
+                    "threshold": cut, "balanced_accuracy": accuracy, "auc": roc_auc(right, wrong),
+                    "judged_right": len(right), "judged_wrong": len(wrong)}
+    return found
+
+
+def write_toy_thresholds(found: dict, command: str) -> Path:
+    from omnigen2_batch.config import TOY_DIR
+
+    chosen = {kind: {metric: round(row["threshold"], 4) for metric, row in metrics.items() if row["auc"] >= MIN_AUC}
+              for kind, metrics in found.items()}
+    record = {"_made_by": command, "_measured": found, **{k: v for k, v in chosen.items() if v}}
+    path = TOY_DIR / "thresholds.json"
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def print_toy(found: dict) -> None:
+    print(f"{'kind':<11}{'metric':<16}{'right':>6}{'wrong':>6}{'AUC':>8}{'cut':>9}{'bal.acc':>9}")
+    for kind, metrics in found.items():
+        for metric, row in metrics.items():
+            print(f"{kind:<11}{metric:<16}{row['judged_right']:>6}{row['judged_wrong']:>6}{row['auc']:>8.3f}"
+                  f"{row['threshold']:>9.4f}{row['balanced_accuracy']:>9.3f}")
+
+
 def summarise(data: dict, q: float) -> dict:
     table = {metric: {f"p{p}": percentile(values, p) for p in PERCENTILES} | {"n": len(values)}
              for metric, values in data["scores"].items() if values}
@@ -121,9 +167,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", help="open_clip tag or local weights (default: random, meaningless)")
     parser.add_argument("--percentile", type=float, default=10.0, help="suggested threshold percentile")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--toy", action="store_true", help="with --run: judge a toy run's attempts from pixels")
+    parser.add_argument("--write-toy-thresholds", action="store_true", help="with --toy: store them for model: toy")
     args = parser.parse_args(argv)
     if args.images and not args.prompts:
         parser.error("--images needs --prompts")
+    if args.toy:
+        if not args.run:
+            parser.error("--toy needs --run RUN_DIR")
+        found = toy_suggestions(args.run)
+        if args.json:
+            print(json.dumps(found, indent=2))
+        else:
+            print_toy(found)
+        if args.write_toy_thresholds:
+            command = "python evaluation/calibrate_scorer.py " + " ".join(sys.argv[1:] if argv is None else argv)
+            print(f"wrote {write_toy_thresholds(found, command)}")
+        return
     data = run_scores(args.run) if args.run else folder_scores(
         read_pairs(args.images, args.prompts), args.clip, args.pretrained)
     if not any(data["scores"].values()):

@@ -5,12 +5,22 @@ No torch here: the CLI builds it before deciding whether torch is needed at all.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 DEFAULT_MODEL = "OmniGen2/OmniGen2"
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_WEIGHTS = "openai"
+# The toy-world model shipped in the package (trained here on flat shapes and sprites, see
+# omnigen2_batch/toy and the model card in TOY_DIR/README.md), its bilingual CLIP, and the
+# thresholds calibrated for that CLIP on that world (per job kind).
+TOY_MODEL = "toy"
+TOY_DIR = Path(__file__).parent / "model" / "assets" / "toy"
+TOY_CLIP = "toy-clip"
+EMBEDDED_MODELS = ("tiny", TOY_MODEL)
 RANDOM_WEIGHTS = "random"  # recipe value for seeded random CLIP weights (tests, smoke runs)
 DEFAULT_BATCH_SIZE = 4
 
@@ -26,6 +36,11 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 IMAGE_GUIDANCE = {"t2i": 1.0, "edit": 2.0, "incontext": 2.5}
 BUILTIN_SCORING = {"enabled": True, "model": DEFAULT_CLIP, "pretrained": DEFAULT_CLIP_WEIGHTS,
                    "multilingual": False}
+# The toy model draws 64 px scenes and learnt guidance against the empty prompt; its scorer is
+# the bilingual toy CLIP unless the recipe names another.
+TOY_DEFAULTS: dict[str, Any] = {"size": (64, 64), "steps": 20, "text_guidance": 4.0,
+                                "negative_prompt": "", "max_input_side": 64}
+TOY_SCORING = {"model": TOY_CLIP, "pretrained": None, "multilingual": True}
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OFFLOADS = ("none", "model", "sequential", "group")
@@ -42,7 +57,29 @@ class ClipConfig:
 
     @property
     def random_weights(self) -> bool:
-        return self.pretrained is None and not self.model.startswith(("hf-hub:", "local-dir:"))
+        own_weights = self.model == TOY_CLIP or self.model.startswith(("hf-hub:", "local-dir:"))
+        return self.pretrained is None and not own_weights
+
+
+def open_clip_name(model: str) -> str:
+    """The name open_clip loads: the toy CLIP is a folder of the package (its config, tokenizer
+    and weights), every other name is open_clip's own."""
+    return f"local-dir:{TOY_DIR / 'clip'}" if model == TOY_CLIP else model
+
+
+def toy_thresholds() -> dict[str, dict[str, float]]:
+    """Job kind -> {metric: threshold} for the toy CLIP, written beside the weights by
+    evaluation/calibrate_scorer.py (keys starting with "_" say how they were made)."""
+    return {kind: dict(values) for kind, values in toy_file("thresholds.json").items()
+            if not kind.startswith("_")}
+
+
+@lru_cache(maxsize=4)
+def toy_file(name: str) -> dict[str, Any]:
+    """A JSON file beside the toy weights ({} when absent): thresholds.json, figures.json (the
+    headline figures evaluation/toy_eval.py measured, shown by the report)."""
+    path = TOY_DIR / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 @dataclass(frozen=True)

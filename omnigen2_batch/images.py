@@ -166,10 +166,11 @@ def inspect_input(path: str | Path, max_side: int = 1024) -> list[Issue]:
     except ImageError as err:
         return [Issue("error", str(path), str(err).removeprefix(f"{path}: "))]
     issues = []
-    if min(width, height) < MIN_SHORT_SIDE:
+    wanted = min(MIN_SHORT_SIDE, max_side)  # a job that shrinks its inputs wants no more
+    if min(width, height) < wanted:
         issues.append(Issue("warning", str(path), (
             f"short side is {min(width, height)} px (image is {width}x{height}); OmniGen2 works "
-            f"best with inputs of at least {MIN_SHORT_SIDE} px: use a larger image")))
+            f"best with inputs of at least {wanted} px: use a larger image")))
     if max(width, height) > MAX_ASPECT * min(width, height):
         issues.append(Issue("warning", str(path), (
             f"aspect ratio {width}x{height} is beyond 1:{MAX_ASPECT:g}; crop it closer to "

@@ -59,6 +59,14 @@ class Scoring:
     characters: dict[str, list[str]] = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)  # metric -> minimum to pass
 
+    def measures(self, metric: str) -> bool:
+        """Whether the scorer can measure `metric` for this job (scoring.py's rules)."""
+        if metric.startswith("consistency"):
+            return bool(self.references)
+        if metric == "direction":
+            return self.source is not None and bool(self.source_caption and self.target_caption)
+        return metric != "preservation" or self.source is not None
+
 
 # The fields that determine the pixels. Order matters only for readability; the hash is of a
 # sorted JSON object.

@@ -20,14 +20,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from .config import BUILTIN_DEFAULTS, IMAGE_GUIDANCE, RunConfig
+from .config import (BUILTIN_DEFAULTS, IMAGE_GUIDANCE, TOY_DEFAULTS, TOY_MODEL, RunConfig,
+                     toy_thresholds)
 from .images import MAX_INPUTS, ImageError, content_hash, image_size, inspect_input
 from .cost import Estimate, estimate
 from .expand import (Subjects, Variation, check_job_count, placeholders, seed_setting,
                      variations)
 from .jobs import ImageRef, Job, Scoring, job_id
 from .plan_options import (LoraRefs, resolve_model, resolve_transformer, run_config,
-                           speed_settings, transformer_key)
+                           speed_settings, toy_scored, transformer_key)
 from .prompt_budget import image_positions, text_budget
 from .recipe import Instruction, Loc, Recipe, RecipeError, Shot
 from .recipe_types import MAX_SIDE, MIN_SIDE, SIZE_STEP
@@ -93,6 +94,9 @@ class JobBuilder:
 
     def __init__(self, recipe: Recipe, model: str, transformer: str = ""):
         self.recipe, self.model, self.transformer = recipe, model, transformer  # its content key
+        self.builtins = BUILTIN_DEFAULTS | (TOY_DEFAULTS if model == TOY_MODEL else {})
+        # Thresholds calibrated for the toy CLIP on the toy world: only when that CLIP scores.
+        self.base_thresholds = toy_thresholds() if toy_scored(recipe, model) else {}
         self.jobs: list[tuple[Job, Loc]] = []
         self.errors: list[str] = []
         self.loras = LoraRefs(self.errors)
@@ -244,7 +248,7 @@ class JobBuilder:
                   variants=get("variants"), ladder=tuple(get("ladder")),
                   sweep={**var.cell.labels, "base": name[:len(name) - len(var.suffix)]}
                   if var is not None and var.cell.labels else {},
-                  scoring=replace(scoring, thresholds=self.thresholds(layers)))
+                  scoring=replace(scoring, thresholds=self.thresholds(layers, kind, scoring)))
         base_seed = seed_setting(self.recipe, layers)[0] or 0
         job = job.with_(seed=derive_seed(base_seed, job) if seed is None else seed)
         self.jobs.append((job, at))
@@ -262,7 +266,7 @@ class JobBuilder:
         value = self.explicit(layers, key)
         if value is not None:
             return value
-        return BUILTIN_DEFAULTS[key] if default is None else default
+        return self.builtins[key] if default is None else default
 
     def explicit(self, layers: list, key: str) -> Any:
         """The nearest level's value of `key`, or None when no level sets it."""
@@ -272,8 +276,9 @@ class JobBuilder:
                 return value
         return None
 
-    def thresholds(self, layers: list) -> dict[str, float]:
-        merged: dict[str, float] = {}
+    def thresholds(self, layers: list, kind: str, scoring: Scoring) -> dict[str, float]:
+        """The recipe's thresholds over the built-in ones of the kind that the job is scored on."""
+        merged = {m: v for m, v in self.base_thresholds.get(kind, {}).items() if scoring.measures(m)}
         for layer in [self.recipe.defaults, *layers]:
             merged.update((layer.scoring.thresholds or {}) if layer.scoring else {})
         return merged

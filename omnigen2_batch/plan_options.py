@@ -10,7 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, ClipConfig, RunConfig
+from .config import (BUILTIN_DEFAULTS, BUILTIN_SCORING, RANDOM_WEIGHTS, TOY_CLIP, TOY_MODEL,
+                     TOY_SCORING, ClipConfig, RunConfig)
 from .images import content_hash
 from .jobs import LoraRef
 from .recipe import Recipe, RecipeError
@@ -110,12 +111,24 @@ def resolve_transformer(spec: str) -> str:
 
 def run_config(recipe: Recipe, model: str, transformer: str | None = None) -> RunConfig:
     """The RunConfig a recipe asks for; unset scoring keys take the built-in defaults."""
-    given = recipe.defaults.scoring
-    scoring = {key: default if getattr(given, key, None) is None else getattr(given, key)
-               for key, default in BUILTIN_SCORING.items()}
+    scoring = scoring_settings(recipe, model)
     pretrained = None if scoring["pretrained"] == RANDOM_WEIGHTS else scoring["pretrained"]
     return RunConfig(model=model, dtype=recipe.dtype, offload=recipe.offload,
                      transformer=transformer, compile=recipe.compile,
                      score=scoring["enabled"], executor=recipe.executor,
                      batch_size=recipe.batch_size, keep_attempts=recipe.keep_attempts,
                      clip=ClipConfig(scoring["model"], pretrained, scoring["multilingual"]))
+
+
+def scoring_settings(recipe: Recipe, model: str) -> dict[str, Any]:
+    """defaults.scoring over the built-ins (for model toy: its CLIP, unless the recipe names one)."""
+    given = recipe.defaults.scoring
+    toy = model == TOY_MODEL and getattr(given, "model", None) is None
+    builtin = BUILTIN_SCORING | (TOY_SCORING if toy else {})
+    return {key: default if getattr(given, key, None) is None else getattr(given, key)
+            for key, default in builtin.items()}
+
+
+def toy_scored(recipe: Recipe, model: str) -> bool:
+    """Whether the toy CLIP scores this recipe (its calibrated thresholds then apply)."""
+    return scoring_settings(recipe, model)["model"] == TOY_CLIP

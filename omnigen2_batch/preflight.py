@@ -13,7 +13,7 @@ import os
 import socket
 from pathlib import Path
 
-from .config import ClipConfig, RunConfig
+from .config import ClipConfig, RunConfig, open_clip_name
 from .errors import UnavailableError
 
 PROBE_TIMEOUT = 5.0  # seconds to wait for a Ray head to accept a connection
@@ -59,7 +59,7 @@ def ray_address_problems(address: str | None) -> list[str]:
 
 
 def _model_problems(model: str) -> list[str]:
-    if model == "tiny":
+    if model == "tiny":  # built from code; the toy model is a folder, checked like any other
         return []
     from .model.loading import COMPONENTS, ModelLoadError, check_component, resolve_folder
 
@@ -102,14 +102,27 @@ def clip_problems(clip: ClipConfig) -> list[str]:
     from .scoring import register_configs
 
     register_configs()
-    name = clip.model
-    if name.startswith(("hf-hub:", "local-dir:")):
-        return []  # these bring their own weights; open_clip reports a missing one itself
+    name = open_clip_name(clip.model)
+    if name.startswith("local-dir:"):
+        return _clip_folder_problems(clip.model, Path(name.removeprefix("local-dir:")))
+    if name.startswith("hf-hub:"):
+        return []  # brings its own weights; open_clip reports a missing one itself
     if name not in open_clip.list_models():
         return [f"scoring.model {name!r}: not an open_clip model; see open_clip.list_models()"]
     if clip.pretrained is None:
         return []  # seeded random weights: nothing to find (scores are meaningless)
     return _weights_problems(name, clip.pretrained)
+
+
+def _clip_folder_problems(model: str, folder: Path) -> list[str]:
+    """An open_clip model folder needs its config and its weights."""
+    config = folder / "open_clip_config.json"
+    weights = [p for p in folder.glob("open_clip_*") if p.suffix in (".safetensors", ".bin")]
+    if not config.is_file() or not weights:
+        missing = config.name if not config.is_file() else "open_clip_model.safetensors"
+        return [f"scoring.model {model!r}: {folder} lacks {missing}; reinstall the package or name "
+                "another CLIP under defaults.scoring"]
+    return []
 
 
 def _weights_problems(model: str, pretrained: str) -> list[str]:

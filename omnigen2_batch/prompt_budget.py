@@ -13,9 +13,9 @@ model size (images.model_input_size) / 16. The negative prompt goes through the 
 must fit too. Tiny: axes_lens (512, 128, 128), so 128 tokens, 88 after the template.
 
 Tokens are counted exactly with the model's own tokenizer.json (the `tokenizers` library, no
-torch) when it is on this machine: always for "tiny", for a local folder or a hub id already in
-the Hugging Face cache. Otherwise the UTF-8 byte count stands in: a byte-level BPE (Qwen's)
-never makes more tokens than bytes, so that bound never lets a failing prompt through.
+torch) when it is on this machine: always for "tiny" and "toy", for a local folder or a hub id
+already in the Hugging Face cache. Otherwise the UTF-8 byte count stands in: a byte-level BPE
+(Qwen's) never makes more tokens than bytes, so that bound never lets a failing prompt through.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from .config import TOY_DIR, TOY_MODEL
 from .images import MODEL_MULTIPLE, model_input_size
 
 TINY_TOKENIZER = Path(__file__).parent / "model" / "assets" / "tiny_tokenizer" / "tokenizer.json"
@@ -80,7 +81,7 @@ def text_budget(model: str) -> TextBudget:
     """The budget of a model spec as plan.py has it: "tiny", a hub id or an absolute folder."""
     if model == "tiny":
         return TextBudget(model, TINY_AXES, TINY_TOKENIZER)
-    folder = Path(model) if model.startswith("/") else cached_snapshot(model)
+    folder = TOY_DIR if model == TOY_MODEL else Path(model) if model.startswith("/") else cached_snapshot(model)
     if folder is None:
         return TextBudget(model, RELEASED_AXES, None)
     tokenizer = folder / "processor" / "tokenizer.json"

@@ -4,7 +4,8 @@ A recipe names a run and lists what to make. Every section is a list of named gr
 group (and every item inside one) may override any generation setting from `defaults`::
 
     name: spring-campaign            # required; names the run
-    model: OmniGen2/OmniGen2         # hub id | "tiny" (embedded test model) | ./local/folder
+    model: OmniGen2/OmniGen2         # hub id | "toy" (shipped toy-world model) | "tiny" (random,
+                                     # for tests) | ./local/folder
     executor: local                  # local | ray
     batch_size: 4                    # images per pipeline call (same-shape jobs only)
     keep_attempts: false             # also keep every attempt's image, not only the kept one
@@ -304,7 +305,8 @@ class Recipe:
                             "widen its own access"}
     FREE_PREFIX = "x-"  # top-level keys the engine ignores: a place for YAML anchors
     name: Name = req("the run's name")
-    model: Text = opt("hub id, tiny, or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
+    model: Text = opt("hub id, toy (the shipped toy-world model), tiny (random weights, for tests), "
+                      "or a local folder (./, ../, / or ~)", default=DEFAULT_MODEL)
     executor: Literal["local", "ray"] = opt("where jobs run", default="local")
     batch_size: Annotated[int, Range(1, 64)] = opt("images per pipeline call", default=4)
     dtype: Literal[DTYPES] = opt("weights' precision; auto: float32 on a CPU, bfloat16 on a GPU",

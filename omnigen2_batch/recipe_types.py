@@ -216,7 +216,8 @@ class SectionScoring:
 class RunScoring(SectionScoring):
     HINTS = {}
     enabled: bool | None = opt("score outputs and retry weak ones (default true)")
-    model: Text | None = opt("open_clip model name (default ViT-B-32)")
+    model: Text | None = opt("open_clip model name, or toy-clip (default ViT-B-32; toy-clip with "
+                             "model: toy)")
     pretrained: Text | None = opt("open_clip pretrained tag or weights file (default openai); "
                                   "random: seeded random weights, scores meaningless")
     multilingual: bool | None = opt("the CLIP text tower reads Chinese (default false)")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Annotated
 
-from .config import DEFAULT_MODEL
+from .config import DEFAULT_MODEL, EMBEDDED_MODELS
 from .recipe_types import InputFile, is_regular_file, resolve_inside
 from .typed_yaml import (INVALID, Context, Range, convert, dataclass_schema, did_you_mean, opt,
                          req, show)
@@ -25,8 +25,8 @@ MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 
 
 def check_model(model: str | None, ctx: Context) -> str | None:
-    """"tiny", a hub id, or a local folder (made absolute)."""
-    if model is None or model == "tiny":
+    """"tiny" or "toy", a hub id, or a local folder (made absolute)."""
+    if model is None or model in EMBEDDED_MODELS:
         return model
     if model.startswith(("/", "./", "../", "~")):
         path = resolve_inside(model, ("model",), ctx)
@@ -34,7 +34,7 @@ def check_model(model: str | None, ctx: Context) -> str | None:
             ctx.error(("model",), f"no such model folder: {model} (looked for {path})")
         return str(path) if path else model
     if not re.fullmatch(HUB_ID_PATTERN, model):
-        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, tiny, or a local "
+        ctx.error(("model",), f"expected a hub id like {DEFAULT_MODEL}, toy, tiny, or a local "
                               f"folder starting with ./ or /, got {model!r}")
     return model
 

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from .config import DEFAULT_CLIP
+from .config import DEFAULT_CLIP, open_clip_name
 from .errors import UnavailableError
 
 if TYPE_CHECKING:  # torch and PIL stay out of CLI start-up
@@ -72,7 +72,8 @@ class ClipScorer:
 
     `pretrained`: None (seeded random weights: scores are meaningless, for tests and smoke runs),
     an open_clip tag resolved from the local cache only when HF_HUB_OFFLINE is set, or a local
-    weights file. Models named "hf-hub:..." or "local-dir:..." bring their own weights.
+    weights file. Models named "hf-hub:..." or "local-dir:..." bring their own weights, and so does
+    "toy-clip" (the package's toy-world CLIP, which reads English and Chinese).
     `multilingual`: the text tower understands the job's own language (e.g. an XLM-R CLIP).
     """
 
@@ -84,6 +85,7 @@ class ClipScorer:
         register_configs()
         self.model_name, self.pretrained, self.device = model, pretrained, device
         self.multilingual, self.batch_size = multilingual, batch_size
+        model = open_clip_name(model)
         schema, _ = open_clip.factory.parse_model_name(model)
         self.random_weights = not pretrained and schema is None
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
@@ -159,7 +161,7 @@ class ClipScorer:
 
     def _texts(self, job: "Job") -> list[str]:
         s = job.scoring
-        direction = [s.source_caption, s.target_caption] if _has_direction(job) else []
+        direction = [s.source_caption, s.target_caption] if s.measures("direction") else []
         return [alignment_text(job, self.multilingual)] + direction
 
     def _metrics(self, job: "Job", out, ref_vecs: dict, texts: dict) -> dict[str, float]:
@@ -176,7 +178,7 @@ class ClipScorer:
         if s.source is not None:
             src = ref_vecs[s.source.key]
             scores["preservation"] = float(out @ src)
-            if _has_direction(job):
+            if s.measures("direction"):
                 scores["direction"] = _cosine(out - src, texts[s.target_caption] - texts[s.source_caption])
         return scores
 
@@ -188,11 +190,6 @@ class ClipScorer:
 
 def scoring_refs(job: "Job"):
     return job.scoring.references + ((job.scoring.source,) if job.scoring.source else ())
-
-
-def _has_direction(job: "Job") -> bool:
-    s = job.scoring
-    return bool(s.source is not None and s.source_caption and s.target_caption)
 
 
 def _cosine(a, b) -> float:

@@ -2,7 +2,8 @@
 
 Our own flat-colour drawings: a character seen from the front and the side (references for a
 series) and two scenes (inputs for an edit campaign). Flat colours keep each PNG a few KB; the
-short side is 512 px or more, the size OmniGen2 wants from an input.
+short side is 512 px or more, the size OmniGen2 wants from an input. The toy_*.png files are
+toy-world images at 64 px (omnigen2_batch/toy), inputs of recipes/toy_world.yaml on the toy model.
 
     python scripts/make_recipe_assets.py [OUT_DIR]   # default: recipes/assets
 """
@@ -12,6 +13,10 @@ import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package, from a checkout
+from omnigen2_batch.toy.characters import Character, CharacterScene, render_characters  # noqa: E402
+from omnigen2_batch.toy.scenes import Scene, ShapeObject, render  # noqa: E402
 
 SKIN, HAIR, SCARF, COAT = (240, 200, 170), (90, 50, 30), (200, 30, 40), (40, 70, 140)
 SKY, GRASS = (170, 210, 240), (90, 170, 80)
@@ -100,6 +105,17 @@ def ball() -> Image.Image:
     return image
 
 
+def toy_pip() -> Image.Image:
+    """Pip, a toy-world sprite: red body, white stripes, yellow hat; alone, on blue."""
+    pip = Character("red", "stripes", "white", "hat", "yellow")
+    return render_characters(CharacterScene("blue", ((pip, "centre"),)))
+
+
+def toy_circle() -> Image.Image:
+    """A toy-world scene to edit: a large red circle in the centre of a blue background."""
+    return render(Scene("blue", (ShapeObject("red", "circle", "centre", "large"),)))
+
+
 ASSETS = {
     "mira_front.png": lambda: character(facing_side=False),
     "mira_side.png": lambda: character(facing_side=True),
@@ -108,6 +124,8 @@ ASSETS = {
     "leo.png": leo,
     "dog.png": dog,
     "ball.png": ball,
+    "toy_pip.png": toy_pip,
+    "toy_circle.png": toy_circle,
 }
 
 

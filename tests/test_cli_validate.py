@@ -13,7 +13,8 @@ from omnigen2_batch.cli import main
 from omnigen2_batch.recipe import schema_text
 
 ROOT = Path(__file__).parent.parent
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"  # every section kind on the random tiny model
+TOY_WORLD = ROOT / "recipes" / "toy_world.yaml"  # every section kind on the shipped toy model
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 
 
@@ -54,11 +55,25 @@ def test_plan_json_lists_jobs_in_run_order_with_estimate():
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     ids = [job["id"] for job in plan["jobs"]]
+    assert any(job["depends_on"] for job in plan["jobs"])  # the portrait anchor's shots
     for position, job in enumerate(plan["jobs"]):
         assert all(ids.index(dep) < position for dep in job["depends_on"])
     assert plan["estimate"]["jobs"] == len(ids)
     assert plan["config"]["model"] == "tiny"
     assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
+
+
+def test_the_toy_world_plans_the_toy_model_with_its_scorer_and_defaults():
+    plan = json.loads(invoke("plan", TOY_WORLD, "--json").stdout)
+    assert plan["config"]["model"] == "toy"
+    assert plan["config"]["clip"] == {"model": "toy-clip", "pretrained": None, "multilingual": True}
+    assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
+    assert {(job["width"], job["height"], job["negative_prompt"]) for job in plan["jobs"]} == {(64, 64, "")}
+    metrics = {job["kind"]: set(job["scoring"]["thresholds"]) for job in plan["jobs"]}
+    assert metrics["t2i"] == {"text"} and "consistency_min" in metrics["incontext"]
+    # another model keeps the recipe's other settings, and the built-in scorer is no longer toy
+    tiny = json.loads(invoke("plan", TOY_WORLD, "--json", "--set", "model=tiny").stdout)
+    assert tiny["config"]["clip"]["model"] == "ViT-B-32" and tiny["jobs"][0]["width"] == 1024
 
 
 def test_plan_table_and_model_override():

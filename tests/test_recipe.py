@@ -25,7 +25,7 @@ def errors_of(path: Path, **kwargs) -> list[str]:
     return caught.value.errors
 
 
-def test_quickstart_loads_into_typed_values():
+def test_tiny_recipe_loads_into_typed_values():
     recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert recipe.model == "tiny"
     assert recipe.defaults.size == (64, 64)

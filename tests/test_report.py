@@ -171,7 +171,7 @@ class Page:
         return self.page.locator(selector).all_inner_texts()
 
 
-def check_against_manifest(page: Page, run: Path) -> None:
+def check_against_manifest(page: Page, run: Path, banner: str = "#tiny-banner") -> None:
     """Every image loads, the counts shown are the manifest's, every job with an image is shown."""
     page.show_everything()
     assert page.broken_images() == []
@@ -188,7 +188,7 @@ def check_against_manifest(page: Page, run: Path) -> None:
     links = page.page.locator("a[href]").evaluate_all("as => as.map(a => a.href)")
     targets = {Path(unquote(urlparse(link).path)) for link in links}
     assert len(targets) > len(with_image) and all(target.is_file() for target in targets)
-    assert page.page.locator("#tiny-banner").is_visible()
+    assert page.page.locator(banner).is_visible()
     assert page.errors == []
 
 
@@ -202,15 +202,16 @@ def test_report_in_chromium(browser, mixed_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_quickstart_run_report_in_chromium(browser, tmp_path: Path) -> None:
-    """The real thing: the tiny model runs the quickstart, and its run writes the report."""
-    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
+def test_toy_world_run_report_in_chromium(browser, tmp_path: Path) -> None:
+    """The real thing: the toy model runs its tour of every section, and its run writes the report."""
+    recipe = Path(__file__).parents[1] / "recipes" / "toy_world.yaml"
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"), "--json"])
-    assert result.exit_code in (0, 1), result.output  # 1: some job rejected by the random CLIP
+    assert result.exit_code in (0, 1), result.output  # 1: some job rejected by the toy CLIP
     run = tmp_path / "run"
     page = Page(browser, run / "report.html")
-    check_against_manifest(page, run)
+    check_against_manifest(page, run, banner="#toy-banner")
     page.page.screenshot(path=str(tmp_path / "quickstart.png"), full_page=True)
+    assert page.page.locator("#tiny-banner").count() == 0
     sections = {row[0] for row in manifest(run, "SELECT DISTINCT section FROM jobs WHERE status='kept'")}
     assert {p.name for p in (run / "sheets").iterdir()} == {f"{s.replace('/', '_')}.png" for s in sections}
 

@@ -1,4 +1,4 @@
-"""load_pipeline: "tiny" | a local folder in the released layout | a Hugging Face hub id.
+"""load_pipeline: "tiny" | "toy" | a local folder in the released layout | a Hugging Face hub id.
 
 The released layout is transformer/, vae/, scheduler/, mllm/, processor/ (model_index.json is
 optional). Weights load from safetensors only and no remote code ever runs. Every file is checked
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import TOY_DIR, TOY_MODEL
 from ..errors import UnavailableError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ def load_pipeline(spec: str | os.PathLike = "tiny", device: str | torch.device =
                   transformer: str | os.PathLike | None = None, compile: bool = False):
     """An OmniGen2Pipeline ready on `device`.
 
-    spec: "tiny", a folder in the released layout, or a hub id. dtype None means float32 on the
+    spec: "tiny", "toy" (the toy-world model shipped in the package), a folder in the released
+    layout, or a hub id. dtype None means float32 on the
     CPU and bfloat16 elsewhere. offload: "none" | "model" | "sequential" | "group" (memory.py says
     what each costs; True/False mean "model"/"none"). transformer: replaces the spec's transformer
     with one from another place: a transformer folder (config.json + safetensors), a model folder
@@ -128,14 +130,17 @@ def resolve_dtype(dtype: torch.dtype | str | None, device) -> torch.dtype:
 
 
 def resolve_folder(spec: str | os.PathLike) -> Path:
-    """A local folder as is; a hub id through huggingface_hub (its cache, HF_HUB_OFFLINE)."""
+    """"toy": the package's toy-world folder; a local folder as is; a hub id through
+    huggingface_hub (its cache, HF_HUB_OFFLINE)."""
+    if str(spec) == TOY_MODEL:
+        return TOY_DIR
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
     text = str(spec)
     if path.exists() or not HUB_ID.match(text):
         raise ModelLoadError(f"model {text!r}: not a folder in the OmniGen2 layout and not a hub id "
-                             "(owner/name); pass 'tiny', a folder with transformer/ vae/ scheduler/ "
+                             "(owner/name); pass 'tiny', 'toy', a folder with transformer/ vae/ scheduler/ "
                              "mllm/ processor/, or e.g. OmniGen2/OmniGen2")
     from huggingface_hub import snapshot_download
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..config import TOY_MODEL
 from ..jobs import Job
 from ..store import RunStore, StoreError, is_tiny
 from ..store.variants import ranking_of
@@ -72,6 +73,11 @@ class Run:
     def tiny(self) -> bool:
         """Made (at least partly) by the random-weight model: every view of it must say so."""
         return is_tiny(self.model) or any(is_tiny(v.job.model) for v in self.jobs)
+
+    @property
+    def toy(self) -> bool:
+        """Made (at least partly) by the shipped toy-world model: the page says what that is."""
+        return self.model == TOY_MODEL or any(v.job.model == TOY_MODEL for v in self.jobs)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from statistics import mean
 from typing import Any
 from urllib.parse import quote
 
+from ..config import toy_file
 from ..jobs import ImageRef
 from .data import JobView, Run
 from .grids import Grid
@@ -25,6 +26,11 @@ from .text import esc, script_json, user
 
 TINY_BANNER = ("Made by the tiny random-weight model: images are noise. They show that the "
                "pipeline ran, not what OmniGen2 can do.")
+TOY_BANNER = ("Made by the toy-world model shipped with omnigen2-batch: a 1 M-parameter OmniGen2 "
+              "trained here from nothing, on CPUs, to draw flat coloured shapes (circle, square, "
+              "triangle; 6 colours) and sprite characters at 64 px, from English or Chinese "
+              "prompts. It knows nothing else, and its scorer is a toy CLIP trained on the same "
+              "world.")
 STATUSES = ("kept", "rejected", "failed", "pending")  # the ones a page counts, in this order
 
 
@@ -218,9 +224,17 @@ def rejection_reason(view: JobView) -> str:
 # ------------------------------------------------------------------------ header and summary
 def _header_html(run: Run) -> str:
     banner = f'<p class="banner" id="tiny-banner">{esc(TINY_BANNER)}</p>' if run.tiny else ""
+    if run.toy:
+        banner += f'<p class="banner" id="toy-banner">{esc(toy_banner())}</p>'
     name = run.meta.get("recipe_name") or run.root.name
     return (f"<header><h1>{user(name)}</h1><p>omnigen2-batch run report · {user(run.root.name)}</p>"
             f"</header>{banner}")
+
+
+def toy_banner() -> str:
+    """TOY_BANNER and, once evaluation/toy_eval.py has measured them, its headline figures."""
+    figures = toy_file("figures.json").get("headline")
+    return f"{TOY_BANNER} Measured by a pixel judge on unseen combinations: {figures}." if figures else TOY_BANNER
 
 
 def _nav_html(run: Run) -> str:

@@ -7,16 +7,18 @@ open is not checked.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from itertools import permutations
 
 from PIL import Image
 
-from .captions import ObjectSpec, SceneSpec, parse, spec_of
+from .captions import (EN_POSITION_WORDS, ZH_COLOURS, ZH_POSITION_WORDS, ObjectSpec, SceneSpec,
+                       is_chinese, parse, spec_of)
 from .characters import CHARACTER_POSITIONS, Character, read_identity
 from .edits import EditError, apply_edit, parse_instruction
 from .perceive import Blob, Perception, perceive
-from .scenes import Scene, ShapeObject
+from .scenes import COLOURS, Scene, ShapeObject
 
 ATTRIBUTES = ("background", "count", "colour", "shape", "position", "size")
 IDENTITY_PARTS = ("body", "pattern", "pattern_colour", "accessory", "accessory_colour")
@@ -165,3 +167,38 @@ def judge_incontext(references: list[Image.Image], image: Image.Image, backgroun
         checks[f"character {index}"] = verdict.ok
         notes += [f"character {index}: {note}" for note in verdict.notes]
     return _verdict(checks, notes)
+
+
+# -- any job ------------------------------------------------------------------------------------
+
+_EN_PLACEMENT = re.compile(r"image\s+(\d+)\s+(?:on|in|at)\s+the\s+(\w+)")
+_ZH_PLACEMENT = re.compile(r"图(\d+)中的角色放在(" + "|".join(ZH_POSITION_WORDS) + ")")
+_EN_BACKDROP = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+background")
+_ZH_BACKDROP = re.compile(r"背景是(" + "|".join(ZH_COLOURS.values()) + ")")
+
+
+def parse_placement(instruction: str) -> tuple[str | None, list[str]]:
+    """(background, position of image 1's character, of image 2's, ...) an in-context
+    instruction asks for, as characters.py writes them in English or Chinese."""
+    if is_chinese(instruction):
+        background = _ZH_BACKDROP.search(instruction)
+        colour = {zh: en for en, zh in ZH_COLOURS.items()}.get(background.group(1)) if background else None
+        placed = {int(i): ZH_POSITION_WORDS[word] for i, word in _ZH_PLACEMENT.findall(instruction)}
+    else:
+        background = _EN_BACKDROP.search(instruction.lower())
+        colour = background.group(1) if background else None
+        placed = {int(i): EN_POSITION_WORDS.get(word, word) for i, word in _EN_PLACEMENT.findall(instruction.lower())}
+    return colour, [placed[i] for i in sorted(placed)]
+
+
+def judge_job(kind: str, prompt: str, inputs: list[Image.Image], image: Image.Image) -> Verdict:
+    """Judge an output of the engine from what its job asked: a caption (t2i), an edit of
+    inputs[0], or the characters of the inputs placed as the instruction says (incontext)."""
+    if kind == "t2i":
+        return judge_caption(image, prompt)
+    if kind == "edit":
+        return judge_edit(inputs[0], prompt, image)
+    background, positions = parse_placement(prompt)
+    if background is None or len(positions) != len(inputs) or not set(positions) <= set(CHARACTER_POSITIONS):
+        return Verdict(False, {"instruction": False}, (f"not a toy in-context instruction: {prompt!r}",))
+    return judge_incontext(inputs, image, background, positions)
