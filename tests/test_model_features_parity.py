@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 from omnigen2_batch.model import load_pipeline
 from omnigen2_batch.model.cache import CacheConfig
 from omnigen2_batch.model.pipeline import fit_size
+from parity_checks import assert_close
 
-ATOL = 1e-4
 EMBED_ARGS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 
@@ -38,13 +38,6 @@ def _cases(feature_dir):
     cases = sorted(feature_dir.glob("*.json"))
     assert cases, f"no feature cases under {feature_dir}"
     return cases
-
-
-def _close(ours, theirs, what):
-    ours, theirs = ours.detach().float().cpu(), theirs.float()
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-    diff = (ours - theirs).abs().max().item()
-    assert diff <= ATOL, f"{what}: max |diff| {diff:.3g} > {ATOL}"
 
 
 def _seed(text: str) -> int:
@@ -85,7 +78,7 @@ def _ref_latents(pipe, case: Path, spec: dict, data: dict, kwargs: dict):
     latents = []
     for j, image in enumerate(images):
         ours = pipe.encode_image(image, fit_size(*image.size, *limits, pipe.size_multiple))
-        _close(ours, data[f"ref_latents.0.{j}"], f"ref_latents.0.{j} (VAE encode under the global seed)")
+        assert_close(ours, data[f"ref_latents.0.{j}"], f"ref_latents.0.{j} (VAE encode under the global seed)")
         latents.append(data[f"ref_latents.0.{j}"])
     return [images], [latents]
 
@@ -121,9 +114,9 @@ def _run_case(pipe, case: Path, batch_guidance: bool):
     assert patterns == spec["pattern_per_branch"], "computed / skipped / predicted pattern per branch"
     assert len(steps) == spec["n_scheduler_steps"]
     for i, values in enumerate(steps):
-        _close(values["model_output"], data[f"step.{i:03d}.guided_model_output"], f"step {i} guided velocity")
-    _close(steps[-1]["latents"], data["final_latents"], "final_latents")
-    _close(out.images, data["output_images"], "output_images")
+        assert_close(values["model_output"], data[f"step.{i:03d}.guided_model_output"], f"step {i} guided velocity")
+    assert_close(steps[-1]["latents"], data["final_latents"], "final_latents")
+    assert_close(out.images, data["output_images"], "output_images")
 
 
 @pytest.fixture(scope="module")

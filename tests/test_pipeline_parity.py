@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from omnigen2_batch.model import load_pipeline
 from omnigen2_batch.model.pipeline import fit_size, preprocess_image
 from omnigen2_batch.model.scheduler import flow_timesteps
+from parity_checks import assert_close
 
-ATOL = 1e-4
 EMBED_ARGS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 
 
@@ -37,13 +37,6 @@ def _cases(parity_dir):
     cases = sorted((parity_dir / "pipeline_cases").glob("*.json"))
     assert cases, f"no pipeline cases under {parity_dir / 'pipeline_cases'}"
     return cases
-
-
-def _close(ours, theirs, what):
-    ours, theirs = ours.detach().float().cpu(), theirs.float()
-    assert ours.shape == theirs.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(theirs.shape)}"
-    diff = (ours - theirs).abs().max().item()
-    assert diff <= ATOL, f"{what}: max |diff| {diff:.3g} > {ATOL}"
 
 
 def _input_images(case, spec):
@@ -65,13 +58,13 @@ def _check_vae_encode(pipe, images, data, kwargs):
     for i, image in enumerate(images[0]):
         size = fit_size(*image.size, *limits, pipe.size_multiple)
         pixels = preprocess_image(image, size)
-        _close(pixels, data[f"vae_encode.{i}.input_image"], f"vae_encode.{i}.input_image")
+        assert_close(pixels, data[f"vae_encode.{i}.input_image"], f"vae_encode.{i}.input_image")
         posterior = vae.encode(pixels).latent_dist
-        _close(posterior.mean, data[f"vae_encode.{i}.posterior_mean"], f"vae_encode.{i}.posterior_mean")
-        _close(posterior.std, data[f"vae_encode.{i}.posterior_std"], f"vae_encode.{i}.posterior_std")
+        assert_close(posterior.mean, data[f"vae_encode.{i}.posterior_mean"], f"vae_encode.{i}.posterior_mean")
+        assert_close(posterior.std, data[f"vae_encode.{i}.posterior_std"], f"vae_encode.{i}.posterior_std")
         z = data[f"vae_encode.{i}.sampled_z"]
         latent = ((z - vae.config.shift_factor) * vae.config.scaling_factor)[0]
-        _close(latent, data[f"ref_latents.0.{i}"], f"ref_latents.0.{i}")
+        assert_close(latent, data[f"ref_latents.0.{i}"], f"ref_latents.0.{i}")
         refs.append(latent)
     return [refs]
 
@@ -90,7 +83,7 @@ def _check_text_encoding(pipe, spec, data):
                              return_tensors="pt").input_ids
         assert torch.equal(ids, data[f"mllm.encode.{k}.input_ids"]), f"mllm.encode.{k} input_ids"
         valid = mask.bool()
-        _close(embeds[valid], data[f"mllm.encode.{k}.embeds"][valid], f"mllm.encode.{k}.embeds (mask==1)")
+        assert_close(embeds[valid], data[f"mllm.encode.{k}.embeds"][valid], f"mllm.encode.{k}.embeds (mask==1)")
 
 
 def _run_case(pipe, case, batch_guidance):
@@ -115,7 +108,7 @@ def _run_case(pipe, case, batch_guidance):
     n = kwargs.get("num_images_per_prompt", 1)
     initial = data["initial_latents"]
     scale = pipe.vae_scale_factor
-    _close(pipe.prepare_latents(initial.shape[0], initial.shape[2] * scale, initial.shape[3] * scale,
+    assert_close(pipe.prepare_latents(initial.shape[0], initial.shape[2] * scale, initial.shape[3] * scale,
                                 initial.dtype, "cpu", torch.Generator().manual_seed(seed)), initial, "initial_latents")
     times = flow_timesteps(kwargs["num_inference_steps"], initial.shape[2] * initial.shape[3],
                            pipe.scheduler.config.dynamic_time_shift)
@@ -138,10 +131,10 @@ def _run_case(pipe, case, batch_guidance):
         assert len(has_ref) == spec["n_scheduler_steps"]
     assert len(steps) == spec["n_scheduler_steps"]
     for i, values in enumerate(steps):
-        _close(values["model_output"], data[f"step.{i:03d}.guided_model_output"], f"step {i} guided velocity")
-        _close(values["latents"], data[f"step.{i:03d}.sample_out"], f"step {i} latents")
-    _close(steps[-1]["latents"], data["final_latents"], "final_latents")
-    _close(out.images, data["output_images"], "output_images")
+        assert_close(values["model_output"], data[f"step.{i:03d}.guided_model_output"], f"step {i} guided velocity")
+        assert_close(values["latents"], data[f"step.{i:03d}.sample_out"], f"step {i} latents")
+    assert_close(steps[-1]["latents"], data["final_latents"], "final_latents")
+    assert_close(out.images, data["output_images"], "output_images")
     assert out.images.shape[0] == len(prompts) * n
 
 
