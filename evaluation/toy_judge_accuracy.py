@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -24,25 +23,11 @@ from omnigen2_batch.toy.captions import caption  # noqa: E402
 from omnigen2_batch.toy.characters import CharacterScene, random_character, reference_image, render_characters  # noqa: E402
 from omnigen2_batch.toy.edits import make_edit  # noqa: E402
 from omnigen2_batch.toy.judge import judge_caption, judge_character, judge_edit, judge_scene  # noqa: E402
+from omnigen2_batch.toy.perturb import blurred, noisy, soft  # noqa: E402
 from omnigen2_batch.toy.scenes import COLOURS, POSITIONS, SHAPES, SIZES, render, sample_scenes  # noqa: E402
 
 
-def blur(image, radius=1.2):
-    return image.filter(ImageFilter.GaussianBlur(radius))
-
-
-def noise(image, sigma=25.0, seed=0):
-    rng = np.random.default_rng(seed)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, (*image.size[::-1], 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def vae_like(image):
-    small = image.resize((image.width // 4, image.height // 4), Image.BILINEAR).resize(image.size, Image.BICUBIC)
-    return noise(Image.fromarray((np.asarray(small, dtype=np.float32) * 0.85 + 20).clip(0, 255).astype(np.uint8)), 8)
-
-
-PERTURBATIONS = {"clean": lambda im: im, "blur 1.2": blur, "noise 25": noise, "vae-like": vae_like}
+PERTURBATIONS = {"clean": lambda im: im, "blur 1.2": blurred, "noise 25": noisy, "vae-like": soft}
 
 
 def one_wrong(scene, attribute: str, rng: random.Random):
@@ -64,12 +49,12 @@ def rows(count: int, seed: int):
                 [judge_caption(perturb(render(s)), caption(s, lang, "full", i)).ok for i, s in enumerate(scenes)])
     singles = [s for s in scenes if len(s.objects) == 1]
     for attribute in ("background", "colour", "shape", "position", "size"):
-        verdicts = [judge_scene(blur(render(one_wrong(s, attribute, rng)), 0.8), s) for s in singles]
+        verdicts = [judge_scene(blurred(render(one_wrong(s, attribute, rng)), 0.8), s) for s in singles]
         yield f"rejects wrong {attribute} (blurred)", np.mean([not v.ok for v in verdicts])
         yield f"  ... and names {attribute}", np.mean([attribute in v.failed for v in verdicts])
     edits = [make_edit(rng, s) for s in scenes]
     yield "edit: accepts the target (source read from pixels)", np.mean(
-        [judge_edit(render(e.source), e.instruction(rng.choice(("en", "zh"))), blur(render(e.target))).ok for e in edits])
+        [judge_edit(render(e.source), e.instruction(rng.choice(("en", "zh"))), blurred(render(e.target))).ok for e in edits])
     yield "edit: rejects the unchanged source", np.mean(
         [not judge_edit(render(e.source), e.instruction_en, render(e.source)).ok for e in edits])
     same, different = [], []
@@ -79,7 +64,7 @@ def rows(count: int, seed: int):
         for candidate, bucket in ((hero, same), (other, different)):
             free = [c for c in COLOURS if c not in candidate.colours | hero.colours]
             if free and not (candidate is other and other == hero):
-                shot = noise(render_characters(CharacterScene(rng.choice(free), ((candidate, "left"),))), 15)
+                shot = noisy(render_characters(CharacterScene(rng.choice(free), ((candidate, "left"),))), 15)
                 bucket.append(judge_character(refs, shot, "left").ok)
     yield "character: same identity accepted (noise 15)", np.mean(same)
     yield "character: different identity rejected (noise 15)", 1 - np.mean(different)

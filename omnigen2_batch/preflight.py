@@ -34,12 +34,12 @@ def preflight(config: RunConfig) -> None:
 
 
 def _device_problems(device: str) -> list[str]:
-    if not device.startswith("cuda"):
-        return []
-    import torch
+    from .worker import resolve_device  # the check the worker makes, made before any work
 
-    if not torch.cuda.is_available():
-        return [f"device {device}: torch sees no CUDA device here; use --device cpu (or auto)"]
+    try:
+        resolve_device(device)
+    except UnavailableError as err:
+        return [str(err)]
     return []
 
 

@@ -3,22 +3,19 @@ change, re-scoring a run with another CLIP (the `score` command), and bilingual 
 
 The scorer measures and rules.py decides; this module brings the two to a finished run and
 writes the outcome back through the store (which moves files between kept/ and rejected/).
-Parity works from the images in memory when a run just made them, else from the run's files.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable
 
 from .images import load_rgb
 from .jobs import Attempt, Job, JobResult
 from .rules import decide, judge
 from .scoring import scoring_refs
-from .store import FINAL, RunStore
+from .store import RunStore, StoredResult
 
 if TYPE_CHECKING:
-    from PIL.Image import Image
-
     from .scoring import ClipScorer
 
 
@@ -70,45 +67,40 @@ def _budget_left(job: Job, attempts: list[Attempt]) -> bool:
     return sum(1 for a in attempts if not a.params.get("skipped")) < job.max_attempts
 
 
-def _recorded_attempts(store: RunStore, job_id: str) -> list[Attempt]:
-    return [Attempt(a["n"], a["seed"], a["strategy"], a["reason"], a["params"] or {},
-                    a["scores"] or {}, bool(a["passed"]), tuple(a["failed_metrics"] or ()),
-                    a["seconds"] or 0.0)
-            for a in store.attempts(job_id)]
-
-
 # -- bilingual parity ---------------------------------------------------------------------------
+Pair = tuple[str, StoredResult, StoredResult]  # pair key, its EN job, its ZH job
+
+
+def finished_pairs(results: Iterable[StoredResult]) -> list[Pair]:
+    """The complete EN/ZH pairs among finished jobs, by pair key (sides by Job.pair_side)."""
+    sides: dict[str, dict[str, StoredResult]] = {}
+    for result in results:
+        if result.job.scoring.pair and result.image:
+            sides.setdefault(result.job.scoring.pair, {})[result.job.pair_side] = result
+    return [(pair, s["en"], s["zh"]) for pair, s in sorted(sides.items()) if len(s) == 2]
+
+
 def record_pairs(store: RunStore, scorer: "ClipScorer",
-                 images: Mapping[str, "Image"] | None = None) -> list[PairParity]:
-    """Compute and save the parity of every complete EN/ZH pair of the run's current jobs.
-    `images` (job id -> output) spares reading files the run still holds in memory."""
-    images = images or {}
-    sides: dict[str, dict[str, dict]] = {}
-    for row in store.jobs():
-        job = Job.from_dict(row["job"])
-        if job.scoring.pair and row["image"] and row["status"] in FINAL:
-            sides.setdefault(job.scoring.pair, {})[job.pair_side] = row
-    complete = [(pair, s["en"], s["zh"]) for pair, s in sorted(sides.items()) if len(s) == 2]
-    if not complete:
-        return []
-
-    def image(row: dict) -> "Image":
-        return images.get(row["id"]) or load_rgb(store.run_dir / row["image"])
-
-    similarities = scorer.similarities([(image(en), image(zh)) for _, en, zh in complete])
+                 pairs: list[Pair] | None = None) -> list[PairParity]:
+    """Compute and save the parity of `pairs` (default: every complete pair of the run's
+    current jobs); the pairs table then holds exactly these rows."""
+    pairs = finished_pairs(store.finished()) if pairs is None else pairs
+    similarities = scorer.similarities([(load_rgb(store.run_dir / en.image),
+                                         load_rgb(store.run_dir / zh.image))
+                                        for _, en, zh in pairs]) if pairs else []
     rows = []
-    for (pair, en, zh), similarity in zip(complete, similarities):
-        en_text, zh_text = _text_score(store, en), _text_score(store, zh)
+    for (pair, en, zh), similarity in zip(pairs, similarities):
+        en_text, zh_text = _text_score(en), _text_score(zh)
         gap = None if en_text is None or zh_text is None else en_text - zh_text
-        rows.append(PairParity(pair, en["id"], zh["id"], similarity, gap))
+        rows.append(PairParity(pair, en.job.id, zh.job.id, similarity, gap))
     store.replace_pairs([(p.pair, p.en_job, p.zh_job, p.similarity, p.text_gap) for p in rows])
     return rows
 
 
-def _text_score(store: RunStore, row: dict) -> float | None:
+def _text_score(result: StoredResult) -> float | None:
     """The `text` score of the attempt that made the job's image."""
-    return next((a["scores"].get("text") for a in store.attempts(row["id"])
-                 if a["n"] == row["best"] and a["scores"]), None)
+    made_by = result.attempt(result.best)
+    return made_by.scores.get("text") if made_by else None
 
 
 # -- re-scoring a finished run with a (possibly other) CLIP: the `score` command ----------------
@@ -123,21 +115,21 @@ def rescore_run(run_dir, scorer: "ClipScorer", chunk_size: int = 64) -> dict:
     summary = {"jobs": 0, "changed": [], "skipped": [], "clip_model": scorer.model_name,
                "pretrained": scorer.pretrained, "random_weights": scorer.random_weights}
     with RunStore.open(run_dir) as store:
-        rows = store.jobs()
-        paths = {row["id"]: row["image"] for row in rows if row["image"]}
+        finished = store.finished()
+        paths = {stored.job.id: stored.image for stored in finished}
         changed_files = {p.job_id: p for p in store.verify_files()}
         summary["skipped"] += [{"job": p.job_id, "error": f"{p.path} was {p.problem} since it "
                                 "was made; `run` the recipe again to make it anew"}
                                for p in changed_files.values()]
-        todo = [row for row in rows if row["status"] in FINAL and row["image"]
-                and row["id"] not in changed_files]
+        todo = [stored for stored in finished if stored.job.id not in changed_files]
         for start in range(0, len(todo), chunk_size):
-            for row, job, result in _rescore_chunk(store, todo[start:start + chunk_size],
-                                                   paths, scorer, summary):
+            for stored, result in _rescore_chunk(store, todo[start:start + chunk_size],
+                                                 paths, scorer, summary):
+                job = stored.job
                 paths[job.id] = store.image_path(job, result.status)  # dependants find moved anchors
-                if result.status != row["status"]:
+                if result.status != stored.status:
                     summary["changed"].append({"job": job.id, "name": f"{job.section}/{job.name}",
-                                               "from": row["status"], "to": result.status})
+                                               "from": stored.status, "to": result.status})
         pairs = record_pairs(store, scorer)
         counts = store.counts()["status"]
         store.set_meta("rescored", {"clip_model": scorer.model_name, "pretrained": scorer.pretrained})
@@ -147,18 +139,17 @@ def rescore_run(run_dir, scorer: "ClipScorer", chunk_size: int = 64) -> dict:
     return summary
 
 
-def _rescore_chunk(store: RunStore, rows: list[dict], paths: dict, scorer: "ClipScorer",
-                   summary: dict):
-    """Load, score (in one batch) and commit a chunk of jobs; yields (row, job, new result)."""
+def _rescore_chunk(store: RunStore, chunk: list[StoredResult], paths: dict,
+                   scorer: "ClipScorer", summary: dict):
+    """Load, score (in one batch) and commit a chunk of jobs; yields (stored, new result)."""
     loaded = []
-    for row in rows:
-        job = Job.from_dict(row["job"])
+    for stored in chunk:
         try:
-            loaded.append((row, job, _load_result(store, row, job),
-                           _reference_images(store, job, paths)))
+            loaded.append((stored, _load_result(store, stored),
+                           _reference_images(store, stored.job, paths)))
         except (OSError, ValueError, KeyError) as err:
-            summary["skipped"].append({"job": job.id, "error": f"{type(err).__name__}: {err}"})
-    items = [(job, a) for _, job, (result, _), _ in loaded for a in result.attempts
+            summary["skipped"].append({"job": stored.job.id, "error": f"{type(err).__name__}: {err}"})
+    items = [(stored.job, a) for stored, result, _ in loaded for a in result.attempts
              if a.image is not None]
     refs = {key: im for *_, images in loaded for key, im in images.items()}
     scores = scorer.score([(job, a.image) for job, a in items], refs)
@@ -167,29 +158,28 @@ def _rescore_chunk(store: RunStore, rows: list[dict], paths: dict, scorer: "Clip
         attempt.passed, attempt.failed_metrics = judge(new, job.scoring.thresholds)
         attempt.params = {**attempt.params, "scored": True,
                           "rescored_with": f"{scorer.model_name}:{scorer.pretrained or 'random'}"}
-    for row, job, (result, keep_attempts), _ in loaded:
+    for stored, result, _ in loaded:
+        job = stored.job
         result.status, result.best = decide(result.attempts, job.scoring.thresholds)
+        keep_attempts = any(a.image for a in stored.attempts)
         store.commit(job, result, keep_attempts=keep_attempts)
         summary["jobs"] += 1
-        yield row, job, result
+        yield stored, result
 
 
-def _load_result(store: RunStore, row: dict, job: Job) -> tuple[JobResult, bool]:
-    """(JobResult as recorded, with the images on disk; whether attempt images are kept)."""
-    rows = store.attempts(job.id)
-    attempts = _recorded_attempts(store, job.id)
-    for attempt, record in zip(attempts, rows):
-        if record["image"] and (store.run_dir / record["image"]).is_file():
-            attempt.image = load_rgb(store.run_dir / record["image"])
-    output = store.run_dir / row["image"]
-    best = next((i for i, a in enumerate(attempts) if a.n == row["best"]), None)
+def _load_result(store: RunStore, stored: StoredResult) -> JobResult:
+    """The JobResult as recorded, with every image that is on disk."""
+    attempts = [a.to_attempt() for a in stored.attempts]
+    for attempt, record in zip(attempts, stored.attempts):
+        if record.image and (store.run_dir / record.image).is_file():
+            attempt.image = load_rgb(store.run_dir / record.image)
+    best = next((i for i, a in enumerate(attempts) if a.n == stored.best), None)
     if best is None:
-        raise ValueError(f"{output}: the manifest names attempt {row['best']} as its maker, "
-                         f"but has no such attempt")
+        raise ValueError(f"{store.run_dir / stored.image}: the manifest names attempt "
+                         f"{stored.best} as its maker, but has no such attempt")
     if attempts[best].image is None:
-        attempts[best].image = load_rgb(output)
-    keep_attempts = any(a["image"] for a in rows)
-    return JobResult(job.id, row["status"], attempts, best, row["error"] or ""), keep_attempts
+        attempts[best].image = load_rgb(store.run_dir / stored.image)
+    return JobResult(stored.job.id, stored.status, attempts, best)
 
 
 def _reference_images(store: RunStore, job: Job, paths: dict) -> dict:

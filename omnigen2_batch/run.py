@@ -24,7 +24,7 @@ from .executors.driver import RunSummary
 from .errors import Terminated
 from .plan import Plan
 from .progress import Progress
-from .rescore import record_pairs, redecide
+from .rescore import finished_pairs, record_pairs, redecide
 from .store import RunStore, StoreError, UnsafePath
 
 log = logging.getLogger(__name__)
@@ -95,25 +95,15 @@ def run_jobs(jobs: list, store: RunStore, config: RunConfig, *, progress: Progre
 def _compare_pairs(store: RunStore, plan: Plan, config: RunConfig) -> None:
     """EN vs ZH parity compares two jobs' outputs, which may come from different workers, so
     it runs here, once, on the CPU; only when a pair's jobs changed since it was last done."""
-    wanted = _finished_pairs(store, plan)
+    pairs = finished_pairs(store.finished(job.id for job in plan.jobs if job.scoring.pair))
     recorded = {(p["pair"], p["en_job"], p["zh_job"]) for p in store.pairs()}
-    if wanted == recorded:
+    if {(pair, en.job.id, zh.job.id) for pair, en, zh in pairs} == recorded:
         return
     from .scoring import ClipScorer
 
     clip = config.clip
-    record_pairs(store, ClipScorer(clip.model, clip.pretrained, multilingual=clip.multilingual))
-
-
-def _finished_pairs(store: RunStore, plan: Plan) -> set[tuple[str, str, str]]:
-    from .store import FINAL
-
-    status = store.statuses()
-    sides: dict[str, dict[str, str]] = {}
-    for job in plan.jobs:
-        if job.scoring.pair and status.get(job.id) in FINAL:
-            sides.setdefault(job.scoring.pair, {})[job.pair_side] = job.id
-    return {(pair, s["en"], s["zh"]) for pair, s in sides.items() if len(s) == 2}
+    record_pairs(store, ClipScorer(clip.model, clip.pretrained, multilingual=clip.multilingual),
+                 pairs)
 
 
 def _refresh_report(store: RunStore) -> None:

@@ -9,7 +9,6 @@ import random
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
 
 from omnigen2_batch.toy.captions import (DETAILS, LANGS, CaptionError, ObjectSpec, SceneSpec, all_captions,
                                          parse, spec_of)
@@ -20,25 +19,9 @@ from omnigen2_batch.toy.judge import (identity_agreement, judge_caption, judge_c
                                       judge_incontext, judge_scene, scene_from_pixels)
 from omnigen2_batch.toy.scenes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, render,
                                        sample_scenes)
+from omnigen2_batch.toy.perturb import blurred, noisy, soft
 
 SCENES = sample_scenes(seed=11, count=150, max_objects=2)
-
-
-def blurred(image, radius=1.2):
-    return image.filter(ImageFilter.GaussianBlur(radius))
-
-
-def noisy(image, sigma=25.0, seed=0):
-    rng = np.random.default_rng(seed)
-    pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, sigma, (*image.size[::-1], 3))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-
-
-def soft(image):
-    """What a small VAE does to an image: detail lost (down 4x and back), colours a bit dull."""
-    small = image.resize((image.width // 4, image.height // 4), Image.BILINEAR).resize(image.size, Image.BICUBIC)
-    pixels = np.asarray(small, dtype=np.float32) * 0.85 + 20
-    return noisy(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), sigma=8)
 
 
 def accuracy(items, check) -> float:

@@ -25,7 +25,7 @@ from ..store import FINAL, RunStore
 log = logging.getLogger(__name__)
 
 IMAGE_CACHE_SIZE = 32  # decoded input images kept between batches (edit campaigns reuse a few)
-STOP_EXIT_CODES = {"": EXIT_OK, "SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
+STOP_EXIT_CODES = {"SIGINT": EXIT_INTERRUPTED, "SIGTERM": EXIT_TERMINATED}
 
 
 @dataclass
