@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 
 from omnigen2_batch.toy.captions import (DETAILS, LANGS, CaptionError, ObjectSpec, SceneSpec, all_captions,
-                                         parse, spec_of)
+                                         caption, parse, spec_of)
 from omnigen2_batch.toy.characters import (CHARACTER_POSITIONS, CharacterScene, make_incontext_task,
                                            random_character, read_identity, reference_image, render_characters)
 from omnigen2_batch.toy.edits import KINDS, apply_edit, make_edit, parse_instruction
 from omnigen2_batch.toy.judge import (identity_agreement, judge_caption, judge_character, judge_edit,
                                       judge_incontext, judge_scene, scene_from_pixels)
-from omnigen2_batch.toy.scenes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, render,
-                                       sample_scenes)
+from omnigen2_batch.toy.scenes import (COLOURS, HELD_OUT, POSITIONS, SHAPES, SIZES, Scene, ShapeObject,
+                                       boxes_overlap, default_layout, render, sample_scenes)
 from omnigen2_batch.toy.perturb import blurred, noisy, soft
 
 SCENES = sample_scenes(seed=11, count=150, max_objects=2)
@@ -51,6 +51,20 @@ def test_sampler_is_seeded_and_respects_the_held_out_split():
     for colour, shape, background in HELD_OUT:
         assert any(c == colour for c, _, _ in seen) and any(s == shape for _, s, _ in seen)
         assert any(b == background for _, _, b in seen)
+
+
+def test_default_layout_places_what_a_short_caption_leaves_open():
+    """One object: large, centred. Two: small, side by side in the order named, never touching.
+    The colours, shapes and background stay, so the short caption still reads the same."""
+    for scene in SCENES:
+        placed = default_layout(scene)
+        assert placed.background == scene.background
+        assert [(o.colour, o.shape) for o in placed.objects] == [(o.colour, o.shape) for o in scene.objects]
+        assert caption(placed, "en", "short") == caption(scene, "en", "short")
+        layout = [(o.position, o.size) for o in placed.objects]
+        assert layout == ([("centre", "large")] if len(scene.objects) == 1 else [("left", "small"), ("right", "small")])
+        assert not any(boxes_overlap(a, b) for i, a in enumerate(placed.objects) for b in placed.objects[i + 1:])
+        assert judge_scene(render(placed), placed).ok
 
 
 def test_an_invisible_object_is_refused():
