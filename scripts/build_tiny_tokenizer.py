@@ -88,10 +88,17 @@ Describe the image. The colors, the lighting, the composition and the style.
 """
 
 
-def train_tokenizer() -> Tokenizer:
+def train_tokenizer(extra_lines: list[str] = ()) -> Tokenizer:
+    """BPE over CORPUS (x4) plus `extra_lines`.
+
+    The toy model passes its world's captions and instructions, so each of its English words
+    becomes one token instead of three or four pieces; such a tokenizer also splits Chinese
+    into single characters first, or BPE would fuse whole phrases ("红色圆形", "背景是黑色") into
+    tokens a model cannot recombine for colour/shape pairs it never saw together."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+    per_character = [pre_tokenizers.Split(Regex(r"\p{Han}"), behavior="isolated")] if extra_lines else []
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(per_character + [
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
@@ -100,19 +107,19 @@ def train_tokenizer() -> Tokenizer:
         vocab_size=VOCAB_SIZE, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[], show_progress=False)
     lines = [line for line in CORPUS.strip().splitlines() if line.strip()]
-    tokenizer.train_from_iterator(lines * 4, trainer=trainer)
+    tokenizer.train_from_iterator(lines * 4 + list(extra_lines), trainer=trainer)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
     return tokenizer
 
 
-def build(out: Path) -> None:
+def build(out: Path, extra_lines: list[str] = (), chat_template: str = CHAT_TEMPLATE) -> None:
     from transformers import Qwen2TokenizerFast
 
-    tokenizer = train_tokenizer()
+    tokenizer = train_tokenizer(extra_lines)
     wrapped = Qwen2TokenizerFast(
         tokenizer_object=tokenizer, unk_token=None, bos_token=None, eos_token="<|im_end|>",
         pad_token="<|endoftext|>", model_max_length=131072, padding_side="right",
-        chat_template=CHAT_TEMPLATE)
+        chat_template=chat_template)
     out.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(out)
 

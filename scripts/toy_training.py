@@ -1,8 +1,10 @@
 """The three training loops behind scripts/train_toy.py: VAE, OmniGen2 transformer, open_clip.
 
 Each loop runs until its time slice is spent (budgets are wall-clock on the machine at hand) or
-an optional step cap is reached, draws its data fresh from the toy world with a seeded RNG, and
-returns its figures. Nothing here saves files: train_toy.py owns the output folder.
+an optional step cap is reached, and returns its figures. The VAE and CLIP draw fresh data from
+the toy world every step; the transformer samples a pool of examples encoded once (text
+embeddings, latents), text-to-image alone first, then every task. Everything is seeded.
+Nothing here saves files: train_toy.py owns the output folder.
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from omnigen2_batch.toy.captions import random_caption
+from omnigen2_batch.toy.captions import DETAILS, random_caption
 from omnigen2_batch.toy.characters import make_incontext_task, render_characters
 from omnigen2_batch.toy.edits import make_edit
-from omnigen2_batch.toy.scenes import render, sample_scene
+from omnigen2_batch.toy.scenes import default_layout, render, sample_scene
 
-TASKS = {"t2i": 0.5, "edit": 0.3, "incontext": 0.2}  # share of each task in a transformer batch
+TASKS = {"t2i": 0.45, "edit": 0.3, "incontext": 0.25}  # share of each task in the pool and the VAE's data
+# The transformer's curriculum: (until this share of its time, task shares). Text-to-image alone
+# first: mixed from the start, edits and in-context shots slowed the t2i it rests on several-fold.
+CURRICULUM = ((0.4, {"t2i": 1.0}), (1.0, TASKS))
 
 
 @dataclass
@@ -37,12 +42,26 @@ def make_example(rng: random.Random, kind: str, size: int) -> Example:
     lang = rng.choice(("en", "zh"))
     if kind == "t2i":
         scene = sample_scene(rng, "train", rng.randint(1, 2))
-        return Example(kind, random_caption(scene, rng, lang)[0], [], render(scene, size))
+        detail = rng.choice(DETAILS)
+        if detail == "short":  # what a short caption leaves open goes where the world puts it
+            scene = default_layout(scene)
+        return Example(kind, random_caption(scene, rng, lang, detail)[0], [], render(scene, size))
     if kind == "edit":
         edit = make_edit(rng, sample_scene(rng, "train", rng.randint(1, 2)), split="train")
         return Example(kind, edit.instruction(lang), [render(edit.source, size)], render(edit.target, size))
     task = make_incontext_task(rng, subjects=rng.choice((1, 2)), size=size)
     return Example(kind, task.instruction(lang), list(task.references), render_characters(task.target, size))
+
+
+# The toy's chat template: the user turn alone. Its text encoder is a fixed random featuriser
+# that no system prompt can instruct, and that prompt's 45 tokens (with the toy tokenizer) would
+# triple every training and sampling step's text sequence.
+CHAT_TEMPLATE = "{% for message in messages %}{% if message['role'] == 'user' %}<|im_start|>user\n{{ message['content'] }}<|im_end|>\n{% endif %}{% endfor %}"
+
+
+def toy_corpus(rng: random.Random, count: int, size: int) -> list[str]:
+    """Prompts of every task in both languages: the toy tokenizer's training text."""
+    return [make_example(rng, random_kind(rng), size).prompt for _ in range(count)]
 
 
 def random_kind(rng: random.Random) -> str:
@@ -152,37 +171,105 @@ def sample_times(batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.where(torch.arange(batch) % 2 == 0, uniform, logit_normal)
 
 
-def transformer_batch(pipeline, rng: random.Random, batch: int, size: int, caption_dropout: float,
-                      image_dropout: float):
+@dataclass
+class Pool:
+    """Training examples encoded once: text embeddings, target latents, reference latents.
+    Encoding afresh every step cost as much as the transformer step itself; a pool of tens of
+    thousands of examples, each seen a few times with fresh noise and time, trains as well."""
+
+    kinds: list[str]
+    embeds: list[torch.Tensor]  # [length, D] each, padding cut off
+    targets: torch.Tensor  # [N, C, h, w]
+    refs: list[list[torch.Tensor]]  # [C, h, w] latents of each example's inputs (may be empty)
+    empty: torch.Tensor  # the empty prompt's embedding: caption dropout, the guidance negative
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def indices(self, kind: str) -> list[int]:
+        return [i for i, k in enumerate(self.kinds) if k == kind]
+
+
+@torch.no_grad()
+def build_pool(pipeline, rng: random.Random, count: int, size: int, chunk: int = 64) -> Pool:
+    kinds, embeds, targets, refs = [], [], [], []
+    for start in range(0, count, chunk):
+        examples = [make_example(rng, random_kind(rng), size) for _ in range(min(chunk, count - start))]
+        kinds += [ex.kind for ex in examples]
+        hidden, mask = pipeline.encode_prompts([ex.prompt for ex in examples])
+        embeds += [h[: int(m.sum())].clone() for h, m in zip(hidden, mask)]
+        latents = list(normalised_latents(pipeline.vae, [ex.target for ex in examples]
+                                          + [im for ex in examples for im in ex.inputs]))
+        targets += latents[:len(examples)]
+        rest = latents[len(examples):]
+        for ex in examples:
+            refs.append(rest[:len(ex.inputs)])
+            rest = rest[len(ex.inputs):]
+    hidden, mask = pipeline.encode_prompts([""])
+    return Pool(kinds, embeds, torch.stack(targets), refs, hidden[0, : int(mask[0].sum())].clone())
+
+
+def pool_batch(pool: Pool, rng: random.Random, batch: int, picks: list[int], caption_dropout: float,
+               image_dropout: float):
     """(prompt embeds, mask, target latents, per-sample ref latents or None) for one step.
 
     Dropout teaches the unconditional branches that guidance needs: an empty prompt (the
     pipeline's negative) with and without the input images.
     """
-    examples = [make_example(rng, random_kind(rng), size) for _ in range(batch)]
-    prompts = ["" if rng.random() < caption_dropout else ex.prompt for ex in examples]
-    embeds, mask = pipeline.encode_prompts(prompts)
-    kept = [ex.inputs if ex.inputs and rng.random() >= image_dropout else [] for ex in examples]
-    # One VAE call for targets and inputs together: per-example calls cost more than the encoding.
-    latents = list(normalised_latents(pipeline.vae, [ex.target for ex in examples] + [im for k in kept for im in k]))
-    targets, rest = torch.stack(latents[:batch]), latents[batch:]
-    refs = []
-    for inputs in kept:
-        refs.append(rest[:len(inputs)] or None)
-        rest = rest[len(inputs):]
-    return embeds.detach(), mask, targets, refs
+    texts = [pool.empty if rng.random() < caption_dropout else pool.embeds[i] for i in picks]
+    embeds = torch.nn.utils.rnn.pad_sequence(texts, batch_first=True)
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.long)
+    for row, text in enumerate(texts):
+        mask[row, : len(text)] = 1
+    refs = [pool.refs[i] if pool.refs[i] and rng.random() >= image_dropout else None for i in picks]
+    return embeds, mask, pool.targets[picks], refs
 
 
-def train_transformer(pipeline, rng: random.Random, seconds: float, max_steps: int | None, batch: int,
-                      size: int, lr: float, caption_dropout: float = 0.1, image_dropout: float = 0.1) -> dict:
+class Ema:
+    """Exponential moving average of the weights: what gets saved. A short run's raw weights
+    jitter with the last batches; their average samples markedly cleaner images."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))  # warm up from a plain copy
+        for key, value in model.state_dict().items():
+            if value.dtype.is_floating_point:
+                self.shadow[key].lerp_(value.detach(), weight)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        model.load_state_dict(self.shadow)
+
+
+def learning_rate(base: float, step: int, progress: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay over the time budget to a tenth of `base`."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_transformer(pipeline, pool: Pool, rng: random.Random, seconds: float, max_steps: int | None, batch: int,
+                      lr: float, caption_dropout: float = 0.1, image_dropout: float = 0.1,
+                      ema_decay: float = 0.999) -> dict:
     """Flow matching in the pipeline's convention: x_t = t x1 + (1 - t) x0 (x0 noise, x1 data),
     target velocity x1 - x0, which the Euler sampler integrates from t = 0 to 1."""
     model = pipeline.transformer.train()
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ema = Ema(model, ema_decay)
     generator = torch.Generator().manual_seed(rng.randrange(2**31))
     clock, losses = Clock("transformer", seconds, max_steps), []
+    by_kind = {kind: pool.indices(kind) for kind in TASKS}
     while clock.running():
-        embeds, mask, x1, refs = transformer_batch(pipeline, rng, batch, size, caption_dropout, image_dropout)
+        progress = clock.seconds / seconds
+        for group in optimiser.param_groups:
+            group["lr"] = learning_rate(lr, clock.step, progress)
+        stage = next(shares for until, shares in CURRICULUM if progress < until or until == 1.0)
+        shares = {kind: share for kind, share in stage.items() if by_kind[kind]}  # a tiny pool may lack one
+        kinds = rng.choices(list(shares), weights=list(shares.values()), k=batch)
+        picks = [rng.choice(by_kind[kind]) for kind in kinds]
+        embeds, mask, x1, refs = pool_batch(pool, rng, batch, picks, caption_dropout, image_dropout)
         x0 = torch.randn(x1.shape, generator=generator)
         t = sample_times(len(x1), generator)
         xt = t[:, None, None, None] * x1 + (1 - t[:, None, None, None]) * x0
@@ -192,19 +279,36 @@ def train_transformer(pipeline, rng: random.Random, seconds: float, max_steps: i
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimiser.step()
+        ema.update(model)
         losses.append(loss.item())
         clock.tick(loss=np.mean(losses[-50:]))
+    ema.copy_to(model)
     model.eval()
     return {"transformer_steps": clock.step, "transformer_seconds": clock.seconds,
-            "transformer_final_loss": float(np.mean(losses[-50:]))}
+            "transformer_final_loss": float(np.mean(losses[-50:])), "transformer_pool": len(pool)}
 
 
 # -- CLIP ----------------------------------------------------------------------------------------
 
+CLIP_CHARACTER_SHARE = 0.3
+
+
 def clip_batch(rng: random.Random, batch: int, size: int) -> tuple[list[Image.Image], list[str]]:
-    """Scenes with a caption each, half English, half Chinese."""
-    scenes = [sample_scene(rng, "train", rng.randint(1, 2)) for _ in range(batch)]
-    return [render(s, size) for s in scenes], [random_caption(s, rng)[0] for s in scenes]
+    """Scenes with an EN or ZH caption each, and characters captioned by their parts: the
+    in-context score compares sprites image to image, so the image tower must see what tells
+    one character from another, wherever it stands."""
+    images, captions = [], []
+    for _ in range(batch):
+        if rng.random() < CLIP_CHARACTER_SHARE:
+            task = make_incontext_task(rng, subjects=1, size=size)
+            character, _ = task.target.placed[0]
+            images.append(render_characters(task.target, size))
+            captions.append(f"a character: {character.describe()}")
+        else:
+            scene = sample_scene(rng, "train", rng.randint(1, 2))
+            images.append(render(scene, size))
+            captions.append(random_caption(scene, rng)[0])
+    return images, captions
 
 
 def train_clip(model, tokenizer, preprocess, rng: random.Random, seconds: float, max_steps: int | None,

@@ -20,9 +20,9 @@ def _load_script():
 def test_train_toy_runs_end_to_end_and_saves_a_loadable_folder(tmp_path, capsys):
     out = tmp_path / "toy"
     _load_script().main(["--out", str(out), "--minutes", "0.2", "--max-steps", "2", "--eval-count", "1",
-                         "--eval-steps", "2", "--seed", "3"])
+                         "--eval-steps", "2", "--seed", "3", "--pool", "64"])
     printed = capsys.readouterr().out
-    for phase in ("[vae]", "[transformer]", "[clip]", "[eval] t2i_eval_zh", "[eval] incontext_en"):
+    for phase in ("[vae]", "[transformer]", "[clip]", "[eval] t2i_eval_short_zh", "[eval] incontext_en"):
         assert phase in printed
 
     from omnigen2_batch.model import load_pipeline
@@ -39,5 +39,5 @@ def test_train_toy_runs_end_to_end_and_saves_a_loadable_folder(tmp_path, capsys)
 
     assert sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) <= 25 * 2**20
     card = (out / "README.md").read_text(encoding="utf-8")
-    assert "--seed 3" in card and "vae_psnr_db" in card and "t2i_eval_zh_all" in card
+    assert "--seed 3" in card and "vae_psnr_db" in card and "t2i_eval_short_zh_all" in card
     assert json.loads((out / "model_index.json").read_text())["toy_world"] is True
