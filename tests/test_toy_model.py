@@ -15,15 +15,15 @@ from PIL import Image
 from omnigen2_batch.cli import main
 from omnigen2_batch.config import TOY_DIR, ClipConfig, RunConfig, toy_thresholds
 from omnigen2_batch.preflight import preflight
-from omnigen2_batch.toy.captions import caption
+from omnigen2_batch.toy.captions import DETAILS, LANGS, caption
 from omnigen2_batch.toy.judge import judge_caption, judge_job, judge_scene
 from omnigen2_batch.toy.scenes import render, sample_scenes
 
-# Measured on the shipped weights with the seeds below (13:08 UTC, 2026-11-30); floors a little
-# under. The model is weak (70 CPU-minutes of training): few images get *every* attribute right,
-# so t2i is held by the share of attributes right, which a broken model would drop.
-VAE_JUDGE_FLOOR = 0.7  # measured 0.79 (19 of 24 two-object scenes read back exactly)
-T2I_ATTRIBUTE_FLOOR = 0.4  # measured 0.47 (background 1.0, colour 0.42, shape 0.25, position 0.5)
+# Measured on the shipped weights with the seeds below (15:50 UTC, 2026-11-30); floors a little
+# under, so a model that stops drawing what it is asked fails while a retrained one may differ.
+VAE_JUDGE_FLOOR = 0.9  # measured 1.0 (24 of 24 two-object scenes read back exactly)
+T2I_ALL_FLOOR = 0.75  # measured 0.875 (42 of 48: short EN 12/12, ZH 11/12; full EN 10/12, ZH 9/12)
+T2I_ATTRIBUTE_FLOOR = 0.9  # measured 0.974 of stated attributes right
 CLIP_TOP1_FLOOR = 0.9  # measured 1.0 EN and ZH
 
 
@@ -63,16 +63,35 @@ def test_the_shipped_vae_keeps_scenes_readable(toy_pipeline):
 
 @pytest.mark.slow
 def test_t2i_draws_held_out_captions(toy_pipeline):
+    """Colour x shape x background combinations never seen in training, short and full captions,
+    English and Chinese: the judge finds every stated attribute in most images."""
     import torch
 
     scenes = sample_scenes(seed=7, count=12, split="eval")
-    prompts = [caption(s, "en", "full") for s in scenes]
+    prompts = [caption(s, lang, detail, i) for i, s in enumerate(scenes) for lang in LANGS for detail in DETAILS]
     generators = [torch.Generator().manual_seed(1000 + i) for i in range(len(prompts))]
     images = toy_pipeline(prompts, height=64, width=64, num_inference_steps=20, text_guidance_scale=4.0,
                           generator=generators).images
     verdicts = [judge_caption(image, prompt) for image, prompt in zip(images, prompts)]
+    assert sum(v.ok for v in verdicts) / len(verdicts) >= T2I_ALL_FLOOR
     assert sum(map(attribute_share, verdicts)) / len(verdicts) >= T2I_ATTRIBUTE_FLOOR
-    assert all(v.checks["background"] for v in verdicts)
+
+
+def test_toy_tokenizer_reads_its_words_whole_and_chinese_per_character():
+    """The toy's processor: its words are single tokens, Chinese splits per character (so 红色 +
+    圆形 recombine for pairs never seen), and the chat template keeps the user turn alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(TOY_DIR / "processor")
+
+    def pieces(text):
+        return [tokenizer.decode([i]) for i in tokenizer(text).input_ids]
+
+    assert pieces("a red circle on a blue background") == \
+        ["a", " red", " circle", " on", " a", " blue", " background"]
+    assert pieces("蓝色背景上的红色圆形") == list("蓝色背景上的红色圆形")
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_toy_clip_ranks_the_true_caption_first():
