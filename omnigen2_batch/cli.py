@@ -109,7 +109,8 @@ def schema() -> Reply:
 @click.option("--batch-size", type=click.IntRange(1, 64), help="jobs per micro-batch (default: the recipe's)")
 @click.option("--no-score", is_flag=True, help="keep every first attempt without CLIP scoring")
 @click.option("--keep-attempts", is_flag=True, help="also keep every attempt's image")
-@click.option("--min-kept", metavar="N|P%", help="exit 1 unless at least N jobs (or P% of them) are kept")
+@click.option("--min-kept", metavar="N|P%",
+              help="exit 0 once at least N jobs (or P% of them) are kept, rejections allowed; default: every job")
 @click.option("--executor", type=click.Choice(["local", "ray"]), help="default: the recipe's")
 @click.option("--ray-address", help="join this Ray cluster (auto or host:port); default: a local Ray")
 @click.option("--workers", type=click.IntRange(min=1), help="Ray actors (default: one per GPU)")
@@ -122,8 +123,7 @@ def run(recipe: str, out: str | None, model, device, dtype, offload, transformer
         overrides) -> Reply:
     """Make every job of RECIPE into --out, continuing where an earlier run stopped.
 
-    Exit 0 when every job is kept; 1 when some were rejected or failed (or fewer than
-    --min-kept were kept); 2 on invalid input or a run directory in use or not this recipe's;
+    Exit 0 when every job is kept (with --min-kept: at least that many); 1 when fewer were; 2 on invalid input or a run directory in use or not this recipe's;
     3 when this machine cannot run it (model, scorer weights, device, cluster); 130 on Ctrl-C
     (the batch in flight is finished first); 143 on SIGTERM (the batch in flight is dropped).
     """
@@ -156,10 +156,10 @@ def run(recipe: str, out: str | None, model, device, dtype, offload, transformer
                  _summary_text(summary, out), summary.exit_code, _summary_notes(summary))
 
 
-def _min_kept(value: str | None, total: int) -> int:
-    """--min-kept N or P% -> a number of jobs."""
+def _min_kept(value: str | None, total: int) -> int | None:
+    """--min-kept N or P% -> a number of jobs (None: every job must be kept)."""
     if value is None:
-        return 0
+        return None
     match = re.fullmatch(r"(\d+)(%?)", value.strip())
     if not match or (match[2] and int(match[1]) > 100):
         raise UserError(f"--min-kept {value!r}: expected a number of jobs (e.g. 40) or a "
@@ -185,7 +185,7 @@ def _summary_notes(summary) -> list[str]:
     notes = [f"  failed {f['section']}/{f['name']}: {f['error']}" for f in summary.failures[:10]]
     if len(summary.failures) > 10:
         notes.append(f"  ... and {len(summary.failures) - 10} more failed jobs")
-    if summary.min_kept and summary.kept < summary.min_kept:
+    if summary.min_kept is not None and summary.kept < summary.min_kept:
         notes.append(f"error: only {summary.kept} jobs kept, fewer than --min-kept {summary.min_kept}")
     if summary.error:
         notes.append(f"error: {summary.error}")

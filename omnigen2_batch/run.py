@@ -33,7 +33,7 @@ LOG_FILE = "run.log"  # in the run directory: the debug log, with every tracebac
 
 
 def execute(plan: Plan, config: RunConfig, out: str | Path, *, recipe_text: str,
-            recipe_origin: str = "", progress: Progress | None = None, min_kept: int = 0,
+            recipe_origin: str = "", progress: Progress | None = None, min_kept: int | None = None,
             executor: Executor | None = None) -> RunSummary:
     """Run `plan` into the run directory `out` (see the module docstring).
 

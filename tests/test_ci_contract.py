@@ -174,9 +174,14 @@ def test_set_overrides_recipe_values_typed_and_validated(tmp_path):
     code, summary = run_json(recipe, tmp_path / "run", "--set", "defaults.steps=1",
                              "--min-kept", "100%")
     assert code == 0 and summary["min_kept"] == 5
-    code, summary = run_json(write(tmp_path, threshold=FAIL_ALL), tmp_path / "run2",
-                             "--set", "defaults.max_attempts=1", "--min-kept", "1")
-    assert code == 1 and summary["kept"] == 0
+    rejecting = write(tmp_path, threshold=FAIL_ALL)
+    code, summary = run_json(rejecting, tmp_path / "run2", "--set", "defaults.max_attempts=1", "--min-kept", "1")
+    assert code == 1 and summary["kept"] == 0 and summary["rejected"] == 5
+    # --min-kept is a floor, not an extra demand: a run that only has to finish passes with rejections
+    code, summary = run_json(rejecting, tmp_path / "run2", "--set", "defaults.max_attempts=1", "--min-kept", "0%")
+    assert code == 0 and summary["rejected"] == 5
+    code, summary = run_json(rejecting, tmp_path / "run2", "--set", "defaults.max_attempts=1")
+    assert code == 1
 
 
 def test_sigterm_commits_what_is_finished_and_exits_143_at_once(tmp_path):

@@ -53,7 +53,7 @@ class RunSummary:
     seconds: float = 0.0
     stopped_by: str = ""  # "SIGINT" or "SIGTERM" when a signal stopped the run early
     error: str = ""  # why the run stopped early, e.g. a full disk
-    min_kept: int = 0  # fewer kept jobs than this makes the run incomplete
+    min_kept: int | None = None  # --min-kept: this many kept jobs make a success; None: every job
     failures: list[dict[str, str]] = field(default_factory=list)  # failed jobs: id, name, error
 
     @property
@@ -64,8 +64,8 @@ class RunSummary:
     def exit_code(self) -> int:
         if self.stopped_by:
             return STOP_EXIT_CODES[self.stopped_by]
-        complete = self.kept == self.total and self.kept >= self.min_kept and not self.error
-        return EXIT_OK if complete else EXIT_INCOMPLETE
+        enough = self.kept == self.total if self.min_kept is None else self.kept >= self.min_kept
+        return EXIT_OK if enough and not self.error else EXIT_INCOMPLETE
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "interrupted": self.interrupted, "exit_code": self.exit_code}
