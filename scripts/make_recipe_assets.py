@@ -3,7 +3,7 @@
 Our own flat-colour drawings: a character seen from the front and the side (references for a
 series) and two scenes (inputs for an edit campaign). Flat colours keep each PNG a few KB; the
 short side is 512 px or more, the size OmniGen2 wants from an input. The toy_*.png files are
-toy-world images at 64 px (omnigen2_batch/toy), inputs of recipes/toy_world.yaml on the toy model.
+toy-world images at 64 px (omnigen2_batch/toy), inputs of recipes/quickstart.yaml on the toy model.
 
     python scripts/make_recipe_assets.py [OUT_DIR]   # default: recipes/assets
 """

@@ -13,8 +13,8 @@ from omnigen2_batch.cli import main
 from omnigen2_batch.recipe import schema_text
 
 ROOT = Path(__file__).parent.parent
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"  # every section kind on the random tiny model
-TOY_WORLD = ROOT / "recipes" / "toy_world.yaml"  # every section kind on the shipped toy model
+TINY_TOUR = ROOT / "recipes" / "tiny_tour.yaml"  # every section kind on the random tiny model
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"  # every section kind on the shipped toy model
 BROKEN = sorted((Path(__file__).parent / "recipes_broken").glob("*.yaml"))
 
 
@@ -51,7 +51,7 @@ def test_example_recipes_are_valid(recipe):
 
 
 def test_plan_json_lists_jobs_in_run_order_with_estimate():
-    result = invoke("plan", QUICKSTART, "--json")
+    result = invoke("plan", TINY_TOUR, "--json")
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     ids = [job["id"] for job in plan["jobs"]]
@@ -63,8 +63,8 @@ def test_plan_json_lists_jobs_in_run_order_with_estimate():
     assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
 
 
-def test_the_toy_world_plans_the_toy_model_with_its_scorer_and_defaults():
-    plan = json.loads(invoke("plan", TOY_WORLD, "--json").stdout)
+def test_the_quickstart_plans_the_toy_model_with_its_scorer_and_defaults():
+    plan = json.loads(invoke("plan", QUICKSTART, "--json").stdout)
     assert plan["config"]["model"] == "toy"
     assert plan["config"]["clip"] == {"model": "toy-clip", "pretrained": None, "multilingual": True}
     assert {job["kind"] for job in plan["jobs"]} == {"t2i", "incontext", "edit"}
@@ -72,16 +72,16 @@ def test_the_toy_world_plans_the_toy_model_with_its_scorer_and_defaults():
     metrics = {job["kind"]: set(job["scoring"]["thresholds"]) for job in plan["jobs"]}
     assert metrics["t2i"] == {"text"} and "consistency_min" in metrics["incontext"]
     # another model keeps the recipe's other settings, and the built-in scorer is no longer toy
-    tiny = json.loads(invoke("plan", TOY_WORLD, "--json", "--set", "model=tiny").stdout)
+    tiny = json.loads(invoke("plan", QUICKSTART, "--json", "--set", "model=tiny").stdout)
     assert tiny["config"]["clip"]["model"] == "ViT-B-32" and tiny["jobs"][0]["width"] == 1024
 
 
 def test_plan_table_and_model_override():
-    result = invoke("plan", QUICKSTART, "--model", "OmniGen2/OmniGen2")
+    result = invoke("plan", TINY_TOUR, "--model", "OmniGen2/OmniGen2")
     assert result.exit_code == 0, result.output
     assert "characters/robo" in result.stdout and "GPU-seconds" in result.stdout
     assert "model OmniGen2/OmniGen2" in result.stdout
-    missing = invoke("plan", QUICKSTART, "--model", "./no/such/folder")
+    missing = invoke("plan", TINY_TOUR, "--model", "./no/such/folder")
     assert missing.exit_code == 2 and "--model: no such model folder" in missing.output
 
 
@@ -142,8 +142,8 @@ def run_cli_in_fresh_python(*args: str) -> dict:
 
 
 @pytest.mark.parametrize("args, code", [
-    (("validate", "recipes/quickstart.yaml"), 0),
-    (("plan", "recipes/quickstart.yaml", "--json"), 0),
+    (("validate", "recipes/tiny_tour.yaml"), 0),
+    (("plan", "recipes/tiny_tour.yaml", "--json"), 0),
     (("validate", "tests/recipes_broken/shot_size.yaml"), 2),
     (("schema",), 0),
 ], ids=["validate", "plan", "invalid", "schema"])

@@ -14,7 +14,7 @@ from omnigen2_batch.plan import build_plan, fit_size, order_jobs
 from omnigen2_batch.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).parent.parent
-QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+TINY_TOUR = ROOT / "recipes" / "tiny_tour.yaml"
 
 
 def plan_of(folder: Path, text: str, **kwargs):
@@ -36,12 +36,12 @@ def pictures(tmp_path):
 
 
 def test_same_recipe_same_ids_and_seeds_across_loads_and_processes():
-    first, second = build_plan(load_recipe(QUICKSTART)), build_plan(load_recipe(QUICKSTART))
+    first, second = build_plan(load_recipe(TINY_TOUR)), build_plan(load_recipe(TINY_TOUR))
     assert ids_and_seeds(first) == ids_and_seeds(second)
     assert len({job.seed for job in first.jobs}) > len(first.jobs) // 2  # seeds differ per job
     code = ("import json; from omnigen2_batch.plan import build_plan; "
             "from omnigen2_batch.recipe import load_recipe; "
-            f"plan = build_plan(load_recipe({str(QUICKSTART)!r})); "
+            f"plan = build_plan(load_recipe({str(TINY_TOUR)!r})); "
             "print(json.dumps({f'{j.section}/{j.name}': [j.id, j.seed] for j in plan.jobs}))")
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
@@ -218,9 +218,9 @@ def test_estimate_counts_images_forwards_and_seconds(tmp_path):
 
 
 def test_plan_json_round_trips_jobs():
-    plan = build_plan(load_recipe(QUICKSTART))
+    plan = build_plan(load_recipe(TINY_TOUR))
     data = json.loads(json.dumps(plan.to_dict()))
     rebuilt = [Job.from_dict({k: v for k, v in row.items() if k not in ("id", "depends_on", "origin")})
                for row in data["jobs"]]
     assert [j.id for j in rebuilt] == [row["id"] for row in data["jobs"]] == [j.id for j in plan.jobs]
-    assert all(row["origin"].startswith(str(QUICKSTART)) for row in data["jobs"])
+    assert all(row["origin"].startswith(str(TINY_TOUR)) for row in data["jobs"])

@@ -26,13 +26,13 @@ def errors_of(path: Path, **kwargs) -> list[str]:
 
 
 def test_tiny_recipe_loads_into_typed_values():
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    recipe = load_recipe(ROOT / "recipes" / "tiny_tour.yaml")
     assert recipe.model == "tiny"
     assert recipe.defaults.size == (64, 64)
     assert recipe.prompts[0].matrix == {"color": ["red", "blue"], "shape": ["cube", "sphere"]}
     refs = recipe.characters["mira"].references
     assert [ref.path.name for ref in refs] == ["mira_front.png", "mira_side.png"]
-    assert all(ref.path.is_absolute() and "quickstart.yaml:" in ref.where for ref in refs)
+    assert all(ref.path.is_absolute() and "tiny_tour.yaml:" in ref.where for ref in refs)
     assert recipe.characters["robo"].portrait.startswith("a small round white robot")
     assert [f.path.name for f in recipe.edits[0].inputs[0]] == ["scene_car.png", "scene_house.png"]
 

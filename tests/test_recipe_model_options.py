@@ -30,9 +30,9 @@ defaults:
   steps: 2
   scoring: {{model: tiny-clip, pretrained: random, thresholds: {{text: -1.0}}}}
 """
-# recipes/quickstart.yaml's job ids before these keys existed (main at f3879e5): a new key that
+# recipes/tiny_tour.yaml (once quickstart.yaml)'s job ids before these keys existed (main at f3879e5): a new key that
 # leaked into the identity of jobs that do not use it would redo every existing run's work.
-QUICKSTART_IDS = [
+TINY_TOUR_IDS = [
     "fbd211bd6d849c3f", "124092be3c6a2c72", "a999b1843f607ec2", "6e8608609a71946c",
     "76ca40709b9bef7a", "9d6ad64e21445782", "edaa473c1f8bfab1", "f4aa6fbea493467d",
     "3fbcdd40e4b12df4", "c911ce0c2098e80a", "501c482a1e57b058", "900ec9f9fb6e2f26",
@@ -60,8 +60,8 @@ def jobs_by_name(plan) -> dict:
 
 
 # ---------------------------------------------------------------------------- identity
-def test_quickstart_ids_are_unchanged():
-    assert [job.id for job in plan_of(ROOT / "recipes" / "quickstart.yaml").jobs] == QUICKSTART_IDS
+def test_tiny_tour_ids_are_unchanged():
+    assert [job.id for job in plan_of(ROOT / "recipes" / "tiny_tour.yaml").jobs] == TINY_TOUR_IDS
 
 
 def test_mode_exact_and_cache_none_change_no_id(tmp_path):

@@ -202,9 +202,9 @@ def test_report_in_chromium(browser, mixed_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.browser
-def test_toy_world_run_report_in_chromium(browser, tmp_path: Path) -> None:
-    """The real thing: the toy model runs its tour of every section, and its run writes the report."""
-    recipe = Path(__file__).parents[1] / "recipes" / "toy_world.yaml"
+def test_quickstart_run_report_in_chromium(browser, tmp_path: Path) -> None:
+    """The real thing: the quickstart runs the toy model through every section, and writes the report."""
+    recipe = Path(__file__).parents[1] / "recipes" / "quickstart.yaml"
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "run"), "--json"])
     assert result.exit_code in (0, 1), result.output  # 1: some job rejected by the toy CLIP
     run = tmp_path / "run"
