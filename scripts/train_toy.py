@@ -47,6 +47,7 @@ from omnigen2_batch.toy.scenes import render, sample_scene  # noqa: E402
 # Shares of the budget; the rest (~10 %) is for saving and the evaluation.
 PHASES = {"vae": 0.2, "transformer": 0.62, "clip": 0.08}
 MAX_FOLDER_BYTES = 25 * 1024 * 1024
+MIN_VAE_PSNR = 20.0  # dB on fresh scenes; a good run reaches 25-30
 
 TRANSFORMER_CONFIG = dict(
     patch_size=2, in_channels=16, out_channels=None, hidden_size=96, num_layers=3, num_refiner_layers=1,
@@ -118,6 +119,9 @@ def main(argv=None) -> None:
     figures |= training.train_vae(vae, rng, PHASES["vae"] * budget, args.max_steps, 16, args.size, 1e-3)
     figures |= training.calibrate_vae(vae, rng, args.size)
     figures |= vae_figures(vae, rng, args.size)
+    if figures["vae_psnr_db"] < MIN_VAE_PSNR and args.max_steps is None:
+        raise SystemExit(f"the VAE reconstructs at {figures['vae_psnr_db']:.1f} dB (< {MIN_VAE_PSNR}): "
+                         "training it failed; a transformer on its latents would be wasted")
 
     pipeline = OmniGen2Pipeline(
         transformer=OmniGen2Transformer2DModel(**TRANSFORMER_CONFIG), vae=vae.requires_grad_(False),
